@@ -1,0 +1,11 @@
+// The kpfast._C extension module: one register_* function per op file.
+#include "common.h"
+
+namespace kpfast {
+void register_edge_map(py::module_& m);
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "kpfast C++ CPU kernels (buffers in, buffers out; see kpfast/ops for the torch side)";
+  kpfast::register_edge_map(m);
+}

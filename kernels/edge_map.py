@@ -1,0 +1,320 @@
+"""Triton kernels of ``kpfast.edge_map``: forward and backward.
+
+One program per (pixel tile, sample). The forward walks the edges in index
+order keeping a running per-pixel maximum and winner; an edge whose upper bound
+over the tile (weight x largest certainty x Gaussian of the tile-to-segment
+distance, padded for rounding) cannot beat the tile's smallest running maximum
+is skipped, which changes no output and no gradient. The backward recomputes
+the winning edge's value per pixel and writes per-(tile, edge) partial sums of
+the eight gradients (a_x, a_y, b_x, b_y, v_i, v_j, w, sigma2) to a buffer
+that the launcher reduces, as the layer-norm tutorial does, instead of
+contended atomics. Memory kept between the two: the ``[B, H, W]`` int32 winner.
+Semantics: ``kpfast/reference.py::edge_map_reference``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NGRAD = 8
+FWD_BLOCK = (16, 16)
+BWD_BLOCK = (32, 32)
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _load_edge(kp_ptr, edges_ptr, unc_ptr, w_ptr, b, e, K, w_bstride, eps, HAS_U: tl.constexpr, HAS_W: tl.constexpr, DT: tl.constexpr):
+    i = tl.load(edges_ptr + 2 * e)
+    j = tl.load(edges_ptr + 2 * e + 1)
+    base = kp_ptr + b * K * 2
+    ax = tl.load(base + 2 * i).to(DT)
+    ay = tl.load(base + 2 * i + 1).to(DT)
+    bx = tl.load(base + 2 * j).to(DT)
+    by = tl.load(base + 2 * j + 1).to(DT)
+    if HAS_U:
+        vi = tl.load(unc_ptr + b * K + i).to(DT)
+        vj = tl.load(unc_ptr + b * K + j).to(DT)
+    else:
+        vi = ax * 0.0
+        vj = ax * 0.0
+    if HAS_W:
+        w = tl.load(w_ptr + b * w_bstride + e).to(DT)
+    else:
+        w = ax * 0.0 + 1.0
+    abx = bx - ax
+    aby = by - ay
+    len2 = abx * abx + aby * aby
+    point = len2 < eps
+    return ax, ay, bx, by, abx, aby, len2, point, vi, vj, w
+
+
+@triton.jit
+def _evaluate(px, py, ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, s2, HAS_U: tl.constexpr, PRECISION: tl.constexpr):
+    apx = px - ax
+    apy = py - ay
+    safe_len2 = tl.where(point, 1.0, len2)
+    t_raw = tl.where(point, 0.0, (apx * abx + apy * aby) / safe_len2)
+    lo = t_raw <= 0.0
+    hi = t_raw >= 1.0
+    t = tl.where(lo, 0.0, tl.where(hi, 1.0, t_raw))
+    qx = tl.where(lo, apx, tl.where(hi, px - bx, apx - t * abx))
+    qy = tl.where(lo, apy, tl.where(hi, py - by, apy - t * aby))
+    d2 = qx * qx + qy * qy
+    if HAS_U:
+        u = _sigmoid((1.0 - t) * vi + t * vj)
+    else:
+        u = d2 * 0.0 + 1.0
+    if PRECISION:
+        ex = tl.exp(-(u * d2) / s2)
+        s = ex * w
+    else:
+        ex = tl.exp(-d2 / s2)
+        s = (u * ex) * w
+    return apx, apy, t_raw, t, qx, qy, d2, u, ex, s
+
+
+@triton.jit
+def _point_segment_dist2(px, py, ax, ay, abx, aby, len2, point):
+    t = tl.where(point, 0.0, ((px - ax) * abx + (py - ay) * aby) / tl.where(point, 1.0, len2))
+    t = tl.minimum(tl.maximum(t, 0.0), 1.0)
+    dx = px - ax - t * abx
+    dy = py - ay - t * aby
+    return dx * dx + dy * dy
+
+
+@triton.jit
+def _point_box_dist2(px, py, x0, y0, x1, y1):
+    dx = tl.maximum(tl.maximum(x0 - px, px - x1), 0.0)
+    dy = tl.maximum(tl.maximum(y0 - py, py - y1), 0.0)
+    return dx * dx + dy * dy
+
+
+@triton.jit
+def _segment_box_dist2(ax, ay, bx, by, abx, aby, len2, point, x0, y0, x1, y1):
+    best = tl.minimum(_point_box_dist2(ax, ay, x0, y0, x1, y1), _point_box_dist2(bx, by, x0, y0, x1, y1))
+    best = tl.minimum(best, _point_segment_dist2(x0, y0, ax, ay, abx, aby, len2, point))
+    best = tl.minimum(best, _point_segment_dist2(x1, y0, ax, ay, abx, aby, len2, point))
+    best = tl.minimum(best, _point_segment_dist2(x0, y1, ax, ay, abx, aby, len2, point))
+    best = tl.minimum(best, _point_segment_dist2(x1, y1, ax, ay, abx, aby, len2, point))
+    c00 = abx * (y0 - ay) - aby * (x0 - ax)
+    c10 = abx * (y0 - ay) - aby * (x1 - ax)
+    c01 = abx * (y1 - ay) - aby * (x0 - ax)
+    c11 = abx * (y1 - ay) - aby * (x1 - ax)
+    cmin = tl.minimum(tl.minimum(c00, c10), tl.minimum(c01, c11))
+    cmax = tl.maximum(tl.maximum(c00, c10), tl.maximum(c01, c11))
+    overlap = (tl.maximum(ax, bx) >= x0) & (tl.minimum(ax, bx) <= x1) & (tl.maximum(ay, by) >= y0) & (tl.minimum(ay, by) <= y1)
+    crosses = overlap & (cmin <= 0.0) & (cmax >= 0.0)
+    return tl.where(crosses, 0.0, best)
+
+
+@triton.jit(do_not_specialize=["K", "E", "H", "W", "w_bstride"])
+def _edge_map_fwd_kernel(
+    kp_ptr, edges_ptr, unc_ptr, w_ptr, s2_ptr, out_ptr, win_ptr,
+    K, E, H, W, w_bstride, eps, tol_scale,
+    HAS_U: tl.constexpr, HAS_W: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, DT: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    tiles_w = tl.cdiv(W, BLOCK_W)
+    rows = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
+    valid = (rows[:, None] < H) & (cols[None, :] < W)
+    step_y = tl.where(H > 1, 2.0 / tl.maximum(H - 1, 1).to(DT), 0.0).to(DT)
+    step_x = tl.where(W > 1, 2.0 / tl.maximum(W - 1, 1).to(DT), 0.0).to(DT)
+    py = (rows.to(DT) * step_y - 1.0)[:, None]
+    px = (cols.to(DT) * step_x - 1.0)[None, :]
+    r0 = (tile // tiles_w) * BLOCK_H
+    c0 = (tile % tiles_w) * BLOCK_W
+    y0 = r0.to(DT) * step_y - 1.0
+    y1 = tl.minimum(r0 + BLOCK_H - 1, H - 1).to(DT) * step_y - 1.0
+    x0 = c0.to(DT) * step_x - 1.0
+    x1 = tl.minimum(c0 + BLOCK_W - 1, W - 1).to(DT) * step_x - 1.0
+    s2 = tl.load(s2_ptr).to(DT)
+
+    best = tl.full([BLOCK_H, BLOCK_W], -1.0, DT)  # below any S_e: edge 0 always wins first
+    arg = tl.full([BLOCK_H, BLOCK_W], -1, tl.int32)
+    tile_min = tl.min(tl.min(best, 1), 0)
+    for e in range(0, E):
+        ax, ay, bx, by, abx, aby, len2, point, vi, vj, w = _load_edge(
+            kp_ptr, edges_ptr, unc_ptr, w_ptr, b, e, K, w_bstride, eps, HAS_U, HAS_W, DT)
+        tol = tol_scale * (2.0 + ax * ax + ay * ay + bx * bx + by * by)
+        dmin2 = tl.maximum(_segment_box_dist2(ax, ay, bx, by, abx, aby, len2, point, x0, y0, x1, y1) - tol, 0.0)
+        if HAS_U:
+            si = _sigmoid(vi)
+            sj = _sigmoid(vj)
+            if PRECISION:
+                ub = tl.exp(-(tl.minimum(si, sj) * dmin2) / s2)
+            else:
+                ub = tl.maximum(si, sj) * tl.exp(-dmin2 / s2)
+        else:
+            ub = tl.exp(-dmin2 / s2)
+        ub = ub * w * 1.0001
+        culled = (w >= 0.0) & (ub <= tile_min)
+        if culled == 0:
+            _, _, _, _, _, _, _, _, _, s = _evaluate(
+                px, py, ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, s2, HAS_U, PRECISION)
+            win = (s > best) | ((s != s) & (best == best))
+            best = tl.where(win, s, best)
+            arg = tl.where(win, e, arg)
+            tile_min = tl.min(tl.min(tl.where(valid, best, float("inf")), 1), 0)
+
+    offs = (b * H + rows[:, None]) * W + cols[None, :]
+    out = tl.where(arg >= 0, best, 0.0)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=valid)
+    tl.store(win_ptr + offs, arg, mask=valid)
+
+
+@triton.jit(do_not_specialize=["K", "E", "H", "W", "w_bstride"])
+def _edge_map_bwd_kernel(
+    grad_ptr, win_ptr, kp_ptr, edges_ptr, unc_ptr, w_ptr, s2_ptr, part_ptr,
+    K, E, H, W, w_bstride, eps,
+    HAS_U: tl.constexpr, HAS_W: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, DT: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    n_tiles = tl.num_programs(0)
+    tiles_w = tl.cdiv(W, BLOCK_W)
+    rows = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
+    valid = (rows[:, None] < H) & (cols[None, :] < W)
+    step_y = tl.where(H > 1, 2.0 / tl.maximum(H - 1, 1).to(DT), 0.0).to(DT)
+    step_x = tl.where(W > 1, 2.0 / tl.maximum(W - 1, 1).to(DT), 0.0).to(DT)
+    py = (rows.to(DT) * step_y - 1.0)[:, None]
+    px = (cols.to(DT) * step_x - 1.0)[None, :]
+    s2 = tl.load(s2_ptr).to(DT)
+    offs = (b * H + rows[:, None]) * W + cols[None, :]
+    go = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(DT)
+    winner = tl.load(win_ptr + offs, mask=valid, other=-1)
+    part = part_ptr + ((b * n_tiles + tile) * E) * 8
+
+    for e in range(0, E):
+        mine = winner == e
+        if tl.max(tl.max(mine.to(tl.int32), 1), 0) > 0:
+            ax, ay, bx, by, abx, aby, len2, point, vi, vj, w = _load_edge(
+                kp_ptr, edges_ptr, unc_ptr, w_ptr, b, e, K, w_bstride, eps, HAS_U, HAS_W, DT)
+            apx, apy, t_raw, t, qx, qy, d2, u, ex, s = _evaluate(
+                px, py, ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, s2, HAS_U, PRECISION)
+            if PRECISION:  # S = w exp(-u d2 / s2)
+                dw = ex
+                dd2 = -s * u / s2
+                du = -s * d2 / s2
+                ds2 = s * u * d2 / (s2 * s2)
+            else:  # S = w u exp(-d2 / s2)
+                dw = u * ex
+                dd2 = -s / s2
+                du = ex * w
+                ds2 = s * d2 / (s2 * s2)
+            # d2 is minimal in t, so its gradient ignores t: dd2/da = -2 q (1 - t), dd2/db = -2 q t.
+            gax = dd2 * -2.0 * qx * (1.0 - t)
+            gay = dd2 * -2.0 * qy * (1.0 - t)
+            gbx = dd2 * -2.0 * qx * t
+            gby = dd2 * -2.0 * qy * t
+            if HAS_U:
+                dz = du * u * (1.0 - u)
+                gvi = dz * (1.0 - t)
+                gvj = dz * t
+                through_t = (t_raw >= 0.0) & (t_raw <= 1.0) & (point == 0)
+                c = tl.where(through_t, dz * (vj - vi) / tl.where(point, 1.0, len2), 0.0)
+                gax += c * (2.0 * t * abx - abx - apx)
+                gay += c * (2.0 * t * aby - aby - apy)
+                gbx += c * (apx - 2.0 * t * abx)
+                gby += c * (apy - 2.0 * t * aby)
+            else:
+                gvi = d2 * 0.0
+                gvj = d2 * 0.0
+            g = tl.where(mine, go, 0.0)
+            tl.store(part + e * 8 + 0, tl.sum(tl.sum(tl.where(mine, g * gax, 0.0), 1), 0))
+            tl.store(part + e * 8 + 1, tl.sum(tl.sum(tl.where(mine, g * gay, 0.0), 1), 0))
+            tl.store(part + e * 8 + 2, tl.sum(tl.sum(tl.where(mine, g * gbx, 0.0), 1), 0))
+            tl.store(part + e * 8 + 3, tl.sum(tl.sum(tl.where(mine, g * gby, 0.0), 1), 0))
+            tl.store(part + e * 8 + 4, tl.sum(tl.sum(tl.where(mine, g * gvi, 0.0), 1), 0))
+            tl.store(part + e * 8 + 5, tl.sum(tl.sum(tl.where(mine, g * gvj, 0.0), 1), 0))
+            tl.store(part + e * 8 + 6, tl.sum(tl.sum(tl.where(mine, g * dw, 0.0), 1), 0))
+            tl.store(part + e * 8 + 7, tl.sum(tl.sum(tl.where(mine, g * ds2, 0.0), 1), 0))
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _tiles(H: int, W: int, block) -> int:
+    return triton.cdiv(H, block[0]) * triton.cdiv(W, block[1])
+
+
+def edge_map_forward(kp, edges, unc, w, s2, H, W, precision, eps):
+    """Launch the forward kernel.
+
+    Args: ``kp [B,K,2]``, ``edges [E,2]`` int32, ``unc [B,K]`` or None, ``w [E]``/``[B,E]``
+    or None (all contiguous, any float dtype), ``s2`` a one-element tensor.
+    Returns ``(out [B,H,W] in kp.dtype, winner [B,H,W] int32)``.
+    """
+    B, K, _ = kp.shape
+    E = edges.shape[0]
+    out = torch.empty(B, H, W, dtype=kp.dtype, device=kp.device)
+    winner = torch.empty(B, H, W, dtype=torch.int32, device=kp.device)
+    dt = _tl_dtype(kp.dtype)
+    tol_scale = 1e-12 if kp.dtype == torch.float64 else 1e-5
+    grid = (_tiles(H, W, FWD_BLOCK), B)
+    _edge_map_fwd_kernel[grid](
+        kp, edges, unc if unc is not None else kp, w if w is not None else kp, s2, out, winner,
+        K, E, H, W, (E if w is not None and w.dim() == 2 else 0), eps, tol_scale,
+        HAS_U=unc is not None, HAS_W=w is not None, PRECISION=precision,
+        BLOCK_H=FWD_BLOCK[0], BLOCK_W=FWD_BLOCK[1], DT=dt,
+    )
+    return out, winner
+
+
+def edge_map_backward(grad_out, winner, kp, edges, unc, w, s2, precision, eps):
+    """Launch the backward kernel; returns per-edge gradients ``[B, E, 8]`` in the compute dtype."""
+    B, K, _ = kp.shape
+    E = edges.shape[0]
+    H, W = grad_out.shape[1:]
+    acc = torch.float64 if kp.dtype == torch.float64 else torch.float32
+    n_tiles = _tiles(H, W, BWD_BLOCK)
+    partial = torch.zeros(B, n_tiles, E, NGRAD, dtype=acc, device=kp.device)
+    _edge_map_bwd_kernel[(n_tiles, B)](
+        grad_out, winner, kp, edges, unc if unc is not None else kp, w if w is not None else kp, s2, partial,
+        K, E, H, W, (E if w is not None and w.dim() == 2 else 0), eps,
+        HAS_U=unc is not None, HAS_W=w is not None, PRECISION=precision,
+        BLOCK_H=BWD_BLOCK[0], BLOCK_W=BWD_BLOCK[1], DT=_tl_dtype(kp.dtype),
+    )
+    return partial.sum(1)
+
+
+def _compile_cases():
+    cases = []
+    for dt, ptr in ((tl.float32, "*fp32"), (tl.float64, "*fp64"), (tl.float32, "*bf16")):
+        for has_u in (False, True):
+            for has_w in (False, True):
+                for precision in (False, True):
+                    common = dict(HAS_U=has_u, HAS_W=has_w, PRECISION=precision, DT=dt)
+                    acc = "*fp64" if dt == tl.float64 else "*fp32"
+                    label = f"{ptr[1:]} u={int(has_u)} w={int(has_w)} precision={int(precision)}"
+                    fwd_sig = {
+                        "kp_ptr": ptr, "edges_ptr": "*i32", "unc_ptr": ptr, "w_ptr": ptr, "s2_ptr": acc,
+                        "out_ptr": ptr, "win_ptr": "*i32", "K": "i32", "E": "i32", "H": "i32", "W": "i32",
+                        "w_bstride": "i32", "eps": "fp32", "tol_scale": "fp32",
+                        **{k: "constexpr" for k in ("HAS_U", "HAS_W", "PRECISION", "BLOCK_H", "BLOCK_W", "DT")},
+                    }
+                    cases.append((f"edge_map fwd {label}", _edge_map_fwd_kernel, fwd_sig,
+                                  dict(common, BLOCK_H=FWD_BLOCK[0], BLOCK_W=FWD_BLOCK[1])))
+                    bwd_sig = {
+                        "grad_ptr": ptr, "win_ptr": "*i32", "kp_ptr": ptr, "edges_ptr": "*i32", "unc_ptr": ptr,
+                        "w_ptr": ptr, "s2_ptr": acc, "part_ptr": acc, "K": "i32", "E": "i32", "H": "i32",
+                        "W": "i32", "w_bstride": "i32", "eps": "fp32",
+                        **{k: "constexpr" for k in ("HAS_U", "HAS_W", "PRECISION", "BLOCK_H", "BLOCK_W", "DT")},
+                    }
+                    cases.append((f"edge_map bwd {label}", _edge_map_bwd_kernel, bwd_sig,
+                                  dict(common, BLOCK_H=BWD_BLOCK[0], BLOCK_W=BWD_BLOCK[1])))
+    return cases
+
+
+GPU_COMPILE_CASES = _compile_cases()

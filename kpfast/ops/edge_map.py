@@ -1,0 +1,264 @@
+"""``kpfast.edge_map``: validation, the ``kpfast::edge_map`` custom op, its
+autograd, and dispatch to the Triton (CUDA) or C++ (CPU) kernels."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import backend as _backend
+from ..reference import EDGE_EPS, EDGE_MODES, edge_map_reference
+from . import _backends, _checks
+
+n = _backends.as_numpy
+NGRAD = 8  # per-edge gradient slots: a_x, a_y, b_x, b_y, v_i, v_j, w, sigma2
+
+
+def _check_values(edges: Tensor, K: int, sigma2: Tensor) -> None:
+    """Value checks that need the data (run right before a launch; a sync on CUDA)."""
+    if edges.numel() and (int(edges.min()) < 0 or int(edges.max()) >= K):
+        bad = edges[(edges < 0) | (edges >= K)][0].item()
+        raise ValueError(f"edges: index {bad} is outside [0, K) with K = {K}")
+    if not bool(sigma2 > 0):
+        raise ValueError(f"sigma2 must be > 0, got {sigma2.item()}")
+
+
+def _compute(t: Optional[Tensor]) -> Optional[Tensor]:
+    """Contiguous, and float32 for the half types (the C++ kernels take float32/float64)."""
+    if t is None:
+        return None
+    t = t.contiguous()
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+@torch.library.custom_op("kpfast::edge_map", mutates_args=(), device_types=("cpu", "cuda"))
+def _edge_map_op(
+    keypoints: Tensor,
+    edges: Tensor,
+    height: int,
+    width: int,
+    uncertainty: Optional[Tensor],
+    edge_weight: Optional[Tensor],
+    sigma2: Tensor,
+    precision: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    _check_values(edges, keypoints.shape[1], sigma2)
+    family = _backend.resolve(backend, keypoints.device, "edge_map")
+    edges32 = edges.to(torch.int32).contiguous()
+    s2 = sigma2.to(_checks.compute_dtype(keypoints.dtype)).reshape(1)
+    if family == "triton":
+        k = _backends.triton_kernels("edge_map")
+        unc = None if uncertainty is None else uncertainty.contiguous()
+        w = None if edge_weight is None else edge_weight.contiguous()
+        return k.edge_map_forward(keypoints.contiguous(), edges32, unc, w, s2, height, width, precision, EDGE_EPS)
+    kp = _compute(keypoints)
+    B = kp.shape[0]
+    out = torch.empty(B, height, width, dtype=kp.dtype)
+    winner = torch.empty(B, height, width, dtype=torch.int32)
+    _backends.cpp().edge_map_forward(
+        n(kp), n(edges32), n(_compute(uncertainty)), n(_compute(edge_weight)),
+        float(s2), height, width, precision, EDGE_EPS, n(out), n(winner), _backends.threads(),
+    )
+    return out.to(keypoints.dtype), winner
+
+
+@_edge_map_op.register_fake
+def _(keypoints, edges, height, width, uncertainty, edge_weight, sigma2, precision, backend):
+    B = keypoints.shape[0]
+    out = keypoints.new_empty(B, height, width)
+    return out, keypoints.new_empty(B, height, width, dtype=torch.int32)
+
+
+@torch.library.custom_op("kpfast::edge_map_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def _edge_map_backward_op(
+    grad_out: Tensor,
+    winner: Tensor,
+    keypoints: Tensor,
+    edges: Tensor,
+    uncertainty: Optional[Tensor],
+    edge_weight: Optional[Tensor],
+    sigma2: Tensor,
+    precision: bool,
+    backend: str,
+) -> Tensor:
+    family = _backend.resolve(backend, keypoints.device, "edge_map")
+    edges32 = edges.to(torch.int32).contiguous()
+    s2 = sigma2.to(_checks.compute_dtype(keypoints.dtype)).reshape(1)
+    if family == "triton":
+        k = _backends.triton_kernels("edge_map")
+        unc = None if uncertainty is None else uncertainty.contiguous()
+        w = None if edge_weight is None else edge_weight.contiguous()
+        return k.edge_map_backward(
+            grad_out.contiguous(), winner.contiguous(), keypoints.contiguous(), edges32, unc, w, s2, precision, EDGE_EPS
+        )
+    kp = _compute(keypoints)
+    g = grad_out.contiguous().to(kp.dtype)
+    grad_edges = torch.empty(kp.shape[0], edges.shape[0], NGRAD, dtype=kp.dtype)
+    _backends.cpp().edge_map_backward(
+        n(g), n(winner.contiguous()), n(kp), n(edges32), n(_compute(uncertainty)), n(_compute(edge_weight)),
+        float(s2), precision, EDGE_EPS, n(grad_edges), _backends.threads(),
+    )
+    return grad_edges
+
+
+@_edge_map_backward_op.register_fake
+def _(grad_out, winner, keypoints, edges, uncertainty, edge_weight, sigma2, precision, backend):
+    return keypoints.new_empty(keypoints.shape[0], edges.shape[0], NGRAD, dtype=_checks.compute_dtype(keypoints.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    keypoints, edges, _, _, uncertainty, edge_weight, sigma2, precision, backend = inputs
+    ctx.save_for_backward(keypoints, edges, uncertainty, edge_weight, sigma2, output[1])
+    ctx.precision, ctx.backend = precision, backend
+
+
+def _backward(ctx, grad_out, _grad_winner):
+    keypoints, edges, uncertainty, edge_weight, sigma2, winner = ctx.saved_tensors
+    ge = _edge_map_backward_op(grad_out, winner, keypoints, edges, uncertainty, edge_weight, sigma2, ctx.precision, ctx.backend)
+    K = keypoints.shape[1]
+    # Edge -> keypoint scatter as a product with one-hot incidence matrices: deterministic on every device.
+    first = F.one_hot(edges[:, 0], K).to(ge.dtype)
+    second = F.one_hot(edges[:, 1], K).to(ge.dtype)
+    grad_kp = torch.einsum("bec,ek->bkc", ge[..., 0:2], first) + torch.einsum("bec,ek->bkc", ge[..., 2:4], second)
+    grad_unc = grad_w = None
+    if uncertainty is not None and ctx.needs_input_grad[4]:
+        grad_unc = (ge[..., 4] @ first + ge[..., 5] @ second).to(uncertainty.dtype)
+    if edge_weight is not None and ctx.needs_input_grad[5]:
+        gw = ge[..., 6]
+        grad_w = (gw if edge_weight.dim() == 2 else gw.sum(0)).to(edge_weight.dtype)
+    grad_s2 = ge[..., 7].sum().reshape(sigma2.shape).to(sigma2.dtype) if ctx.needs_input_grad[6] else None
+    return grad_kp.to(keypoints.dtype), None, None, None, grad_unc, grad_w, grad_s2, None, None
+
+
+_edge_map_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _size(size) -> tuple[int, int]:
+    if isinstance(size, int) and not isinstance(size, bool):
+        hw = (size, size)
+    elif isinstance(size, Sequence) and len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+        hw = (int(size[0]), int(size[1]))
+    else:
+        raise TypeError(f"size must be an int or a pair (H, W) of ints, got {size!r}")
+    if min(hw) < 1:
+        raise ValueError(f"size must be positive, got {hw}")
+    return hw
+
+
+def _edges(edges, device: torch.device) -> Tensor:
+    if isinstance(edges, Tensor):
+        if edges.dtype.is_floating_point or edges.dtype.is_complex or edges.dtype == torch.bool:
+            raise TypeError(f"edges must hold integers, got {_checks.describe(edges)}")
+        if edges.dim() != 2 or edges.shape[1] != 2:
+            raise ValueError(f"edges must have shape [E, 2], got {_checks.describe(edges)}")
+        if edges.device != device:
+            raise ValueError(f"all tensors must be on one device, got keypoints on {device}, edges on {edges.device}")
+        return edges.to(torch.int64)
+    try:
+        pairs = [tuple(int(v) for v in pair) for pair in edges]
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"edges must be an [E, 2] integer tensor or a sequence of (i, j) pairs, got {edges!r}") from err
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"edges must be a sequence of (i, j) pairs, got {edges!r}")
+    return torch.tensor(pairs, dtype=torch.int64, device=device).reshape(-1, 2)
+
+
+def edge_map(
+    keypoints: Tensor,
+    edges,
+    size,
+    *,
+    uncertainty: Optional[Tensor] = None,
+    edge_weight: Optional[Tensor] = None,
+    sigma2=1e-3,
+    mode: str = "intensity",
+) -> Tensor:
+    """Render a skeleton as the max over edges of uncertainty-weighted Gaussian lines.
+
+    For every pixel centre ``p`` and edge ``e = (i, j)`` with ``a = k_i``, ``b = k_j``::
+
+        t   = clamp((p - a)·(b - a) / |b - a|^2, 0, 1)      (0 for a zero-length edge)
+        d2  = squared distance from p to the segment [a, b]
+        u   = sigmoid((1 - t) v_i + t v_j)                 (1 without uncertainty)
+        "intensity": S_e = w_e u exp(-d2 / sigma2)     "precision": S_e = w_e exp(-u d2 / sigma2)
+        S(p) = max_e S_e(p)
+
+    Only the winning edge of a pixel (the lowest index on ties, as ``torch.max``)
+    receives its gradient; gradients reach ``keypoints``, ``uncertainty``,
+    ``edge_weight`` and ``sigma2``. The fused kernels keep one int32 ``[B, H, W]``
+    winner map for backward, never anything of size ``B*E*H*W``.
+
+    Args:
+        keypoints: ``[B, K, 2]`` (x, y) in [-1, 1], pixel centres at the ends
+            (``align_corners=True``). Points outside the image are fine.
+        edges: ``[E, 2]`` integer tensor on the keypoints' device, or a sequence of
+            ``(i, j)`` pairs, indices in ``[0, K)``. ``E = 0`` gives zeros.
+        size: ``H`` or ``(H, W)`` of the output.
+        uncertainty: ``[B, K]`` logits ``v`` (the paper's keypoint uncertainty), or None.
+        edge_weight: ``[E]`` or ``[B, E]`` non-negative weights ``w`` (AutoLink's learned
+            weights, the paper's global ``alpha``), or None for ones.
+        sigma2: line thickness ``sigma^2`` in normalized units: a positive float or a
+            0-dim tensor (may require grad).
+        mode: ``"intensity"`` (uncertain edges drawn lighter; the paper's text) or
+            ``"precision"`` (uncertain edges drawn wider; Eq. 6 with its sign restored).
+
+    Returns:
+        ``[B, H, W]`` in the dtype of ``keypoints`` (float16, bfloat16, float32 or float64;
+        kernels accumulate in float32, float64 for float64).
+
+    Non-finite inputs are not hidden: a NaN keypoint, logit or weight makes every
+    pixel its edge wins (and every pixel where it is the first NaN) NaN.
+    The backend follows :func:`kpfast.use_backend` (CUDA: Triton, CPU: C++).
+
+    Example:
+        >>> import torch, kpfast
+        >>> kp = torch.tensor([[[-0.5, -0.5], [0.5, 0.5], [0.5, -0.5]]])
+        >>> m = kpfast.edge_map(kp, [(0, 1), (1, 2)], (32, 48), sigma2=0.01)
+        >>> m.shape, float(m.max()) == 1.0
+        (torch.Size([1, 32, 48]), True)
+    """
+    _checks.tensor("keypoints", keypoints, ndim=3)
+    if keypoints.shape[-1] != 2:
+        raise ValueError(f"keypoints must have shape [B, K, 2], got {_checks.describe(keypoints)}")
+    B, K = keypoints.shape[:2]
+    if K < 1:
+        raise ValueError(f"keypoints must hold at least one keypoint, got {_checks.describe(keypoints)}")
+    device = keypoints.device
+    H, W = _size(size)
+    e = _edges(edges, device)
+    E = e.shape[0]
+    if uncertainty is not None:
+        _checks.tensor("uncertainty", uncertainty, ndim=2)
+        if tuple(uncertainty.shape) != (B, K):
+            raise ValueError(f"uncertainty must have shape [B, K] = [{B}, {K}], got {_checks.describe(uncertainty)}")
+    if edge_weight is not None:
+        _checks.tensor("edge_weight", edge_weight, ndim=(1, 2))
+        if tuple(edge_weight.shape) not in ((E,), (B, E)):
+            raise ValueError(f"edge_weight must have shape [E] or [B, E] with B = {B}, E = {E}, got {_checks.describe(edge_weight)}")
+    if isinstance(sigma2, Tensor):
+        _checks.tensor("sigma2", sigma2)
+        if sigma2.numel() != 1 or sigma2.dim() > 1:
+            raise ValueError(f"sigma2 must be a float or a 0-dim tensor, got {_checks.describe(sigma2)}")
+        s2 = sigma2.reshape(())
+    elif isinstance(sigma2, (int, float)) and not isinstance(sigma2, bool):
+        if not sigma2 > 0:
+            raise ValueError(f"sigma2 must be > 0, got {sigma2}")
+        s2 = torch.tensor(float(sigma2), dtype=_checks.compute_dtype(keypoints.dtype), device=device)
+    else:
+        raise TypeError(f"sigma2 must be a positive float or a 0-dim tensor, got {type(sigma2).__name__}")
+    if mode not in EDGE_MODES:
+        raise ValueError(f"mode must be one of {EDGE_MODES}, got {mode!r}")
+    _checks.same_device(keypoints=keypoints, uncertainty=uncertainty, edge_weight=edge_weight, sigma2=s2)
+
+    chosen = _backend.get_backend()
+    if chosen == "reference":
+        _check_values(e, K, s2)
+        return edge_map_reference(
+            keypoints, e, (H, W), uncertainty=uncertainty, edge_weight=edge_weight, sigma2=s2, mode=mode
+        )
+    out, _ = _edge_map_op(keypoints, e, H, W, uncertainty, edge_weight, s2, mode == "precision", chosen)
+    return out
