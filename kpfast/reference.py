@@ -87,7 +87,7 @@ def edge_map_reference(
     e = _as_edges(edges, device)
     if e.shape[0] == 0:
         return torch.zeros(B, H, W, dtype=out_dtype, device=device)
-    s2 = torch.as_tensor(sigma2, device=device).to(dtype)
+    s2 = sigma2.to(dtype) if isinstance(sigma2, torch.Tensor) else torch.tensor(float(sigma2), dtype=dtype, device=device)
 
     ys, xs = pixel_centers(H, dtype, device), pixel_centers(W, dtype, device)
     p = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(1, 1, H * W, 2)

@@ -1,0 +1,45 @@
+"""Helpers shared by the tests: backends to run, fresh seeded generators, comparisons."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+import kpfast
+from kpfast.backend import interpreting_triton
+
+
+def kernel_backends() -> list[str]:
+    """Kernel families that can run here: C++ always, Triton in the interpreter or on CUDA."""
+    out = ["cpp"]
+    if interpreting_triton() or torch.cuda.is_available():
+        out.append("triton")
+    return out
+
+
+def device_for(backend: str) -> torch.device:
+    if backend == "triton" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def fresh_generator() -> tuple[torch.Generator, int]:
+    """A generator with a new random seed each call (the seed goes into failure messages)."""
+    seed = random.randrange(2**31)
+    return torch.Generator().manual_seed(seed), seed
+
+
+def run(backend: str, fn, *args, **kwargs):
+    with kpfast.use_backend(backend):
+        return fn(*args, **kwargs)
+
+
+def assert_close(actual, expected, *, rtol, atol, what: str, seed: int):
+    torch.testing.assert_close(
+        actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what} (seed {seed}): {m}"
+    )
+
+
+def tolerances(dtype: torch.dtype) -> dict:
+    return dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
