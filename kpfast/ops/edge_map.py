@@ -97,10 +97,14 @@ def _edge_map_backward_op(
         )
     kp = _compute(keypoints)
     g = grad_out.contiguous().to(kp.dtype)
-    grad_edges = torch.empty(kp.shape[0], edges.shape[0], NGRAD, dtype=kp.dtype)
-    _backends.cpp().edge_map_backward(
+    B, E, H = kp.shape[0], edges.shape[0], grad_out.shape[1]
+    ext = _backends.cpp()
+    bands = -(-H // ext.EDGE_MAP_BAND_H)
+    scratch = torch.empty(B * bands, E, NGRAD, dtype=torch.float64)
+    grad_edges = torch.empty(B, E, NGRAD, dtype=kp.dtype)
+    ext.edge_map_backward(
         n(g), n(winner.contiguous()), n(kp), n(edges32), n(_compute(uncertainty)), n(_compute(edge_weight)),
-        float(s2), precision, EDGE_EPS, n(grad_edges), _backends.threads(),
+        float(s2), precision, EDGE_EPS, n(scratch), n(grad_edges), _backends.threads(),
     )
     return grad_edges
 
