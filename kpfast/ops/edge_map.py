@@ -220,10 +220,11 @@ def edge_map(
 
     Example:
         >>> import torch, kpfast
-        >>> kp = torch.tensor([[[-0.5, -0.5], [0.5, 0.5], [0.5, -0.5]]])
-        >>> m = kpfast.edge_map(kp, [(0, 1), (1, 2)], (32, 48), sigma2=0.01)
-        >>> m.shape, float(m.max()) == 1.0
-        (torch.Size([1, 32, 48]), True)
+        >>> kp = torch.tensor([[[-1.0, 0.0], [1.0, 0.0]]])  # a horizontal line through the middle row
+        >>> kpfast.edge_map(kp, [(0, 1)], (3, 4), sigma2=1.0)
+        tensor([[[0.3679, 0.3679, 0.3679, 0.3679],
+                 [1.0000, 1.0000, 1.0000, 1.0000],
+                 [0.3679, 0.3679, 0.3679, 0.3679]]])
     """
     _checks.tensor("keypoints", keypoints, ndim=3)
     if keypoints.shape[-1] != 2:
