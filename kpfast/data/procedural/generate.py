@@ -26,7 +26,7 @@ from . import animal, car, face
 from .raycast import pack_scenes, render
 
 # bump whenever a change alters any generated pixel or label
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 SPLITS = {"train": 0, "test": 1, "val": 2}
 
