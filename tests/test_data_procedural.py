@@ -142,3 +142,29 @@ def test_bad_arguments(tmp_path):
         open_dataset("face", image_size=4)
     with pytest.raises(ValueError, match="size"):
         open_dataset("face", size=0)
+
+
+@pytest.mark.parametrize("category,k", [("animal", 20), ("car", 14)])
+def test_other_categories(tmp_path, category, k):
+    ds = open_dataset(category, "train", size=6, image_size=32, cache_dir=tmp_path, progress=False)
+    assert ds.meta.num_keypoints == k and ds.meta.normalizer is None
+    vis = torch.stack([ds[i]["visible"] for i in range(6)])
+    # self-occlusion: some keypoints hidden, most images show several keypoints
+    assert 0.2 < vis.float().mean() < 0.95
+    flip = ds.meta.flip_perm
+    assert flip != list(range(k)) and all(flip[flip[i]] == i for i in range(k))
+
+
+def test_contact_sheet_and_draw(tmp_path):
+    from kpfast.data.contact_sheet import main
+    from kpfast.data.draw import draw_keypoints
+
+    main(["--out", str(tmp_path), "--n", "2", "--cols", "2", "--image-size", "32", "--categories", "car"])
+    from PIL import Image
+
+    im = Image.open(tmp_path / "procedural_car.png")
+    assert im.size[0] > 2 * 32 and im.mode == "RGB"
+    black = torch.zeros(3, 16, 16)
+    out = draw_keypoints(black, torch.tensor([[0.0, 0.0]]), radius=1.0)
+    a = torch.tensor(__import__("numpy").array(out), dtype=torch.float32)
+    assert a[7:9, 7:9].sum() > 0 and a[0:3, 0:3].sum() == 0  # drawn at the centre only

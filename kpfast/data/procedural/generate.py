@@ -22,11 +22,11 @@ import torch
 from ..array_dataset import KeypointArrayDataset
 from ..cache import cached_arrays
 from ..meta import KeypointMeta
-from . import face
+from . import animal, car, face
 from .raycast import pack_scenes, render
 
 # bump whenever a change alters any generated pixel or label
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 SPLITS = {"train": 0, "test": 1, "val": 2}
 
@@ -43,6 +43,10 @@ class Category:
 CATEGORIES = {
     "face": Category("face", face.make_scene, face.META, {"train": 5000, "test": 500, "val": 500},
                      "3D head, 68 iBUG landmarks, yaw +-60 deg, expressions"),
+    "animal": Category("animal", animal.make_scene, animal.META, {"train": 5000, "test": 500, "val": 500},
+                       "articulated quadruped, 20 joints, any viewing direction"),
+    "car": Category("car", car.make_scene, car.META, {"train": 5000, "test": 500, "val": 500},
+                    "rigid car, 14 keypoints with self-occlusion"),
 }
 
 

@@ -47,7 +47,8 @@ _G_DIFF = 5
 _G_TINT = slice(6, 9)
 _G_NOISE = 9
 _G_GRATING = slice(10, 15)  # dir x, dir y, freq, amp, unused
-_G_D = 15
+_G_HALF = slice(15, 18)  # Blinn-Phong half vector for a viewer along -Z
+_G_D = 18
 
 _SHAPE_D = 12  # active, kind, cx, cy, 1/rx, 1/ry, cos, sin, r, g, b, unused
 
@@ -128,6 +129,8 @@ def pack_scenes(scenes: list) -> dict:
         glob[i, _G_TINT] = L.tint
         glob[i, _G_NOISE] = B.noise_sigma
         glob[i, _G_GRATING] = [B.grating_dir[0], B.grating_dir[1], B.grating_freq, B.grating_amp, 0.0]
+        half = L.direction + np.array([0.0, 0.0, -1.0])
+        glob[i, _G_HALF] = half / np.linalg.norm(half)
         grids.append(B.grid.reshape(3, -1))
         sh = np.zeros((len(B.shapes), _SHAPE_D))
         for j, (act, kind, cx, cy, rx, ry, ang, r, g, b) in enumerate(B.shapes):
@@ -352,17 +355,14 @@ def shade(packed: dict, depth: torch.Tensor, win: torch.Tensor, x: torch.Tensor,
         pat = pat / (wsum + 1e-6)
         pat = pat * pat * (3.0 - 2.0 * pat)
         mix = torch.where(wsum > 0, pat, torch.zeros_like(pat))
-        # lighting
+        # lighting: Lambert + ambient, Blinn-Phong with the viewer along -Z (per-sample half vector)
         lx, ly, lz = g[1], g[2], g[3]
         ndl = torch.clamp(nx * lx + ny * ly + nz * lz, min=0.0)
-        vx, vy, vz = _normalize3(-px, -py, -pz)
-        hx, hy, hz = _normalize3(lx + vx, ly + vy, lz + vz)
-        ndh = torch.clamp(nx * hx + ny * hy + nz * hz, min=0.0)
+        ndh = torch.clamp(nx * g[_G_HALF.start] + ny * g[_G_HALF.start + 1] + nz * g[_G_HALF.start + 2], min=0.0)
         sp = ndh * ndh
         for _ in range(4):
             sp = sp * sp  # ndh ** 32
-        ndv = torch.clamp(nx * vx + ny * vy + nz * vz, min=0.0)
-        light = (g[_G_AMB] + g[_G_DIFF] * ndl) * (0.8 + 0.2 * ndv)
+        light = (g[_G_AMB] + g[_G_DIFF] * ndl) * (0.8 - 0.2 * nz)
         spec = P[_S_SPEC] * sp
         for ch in range(3):
             c1 = P[_S_COL1 + ch]
@@ -372,14 +372,17 @@ def shade(packed: dict, depth: torch.Tensor, win: torch.Tensor, x: torch.Tensor,
     return out.reshape(3, n, m).permute(1, 0, 2)
 
 
-def _hash_uniform3(pix: torch.Tensor, seed: torch.Tensor) -> list:
-    """Three deterministic per-pixel uniform numbers in [0, 1) from one integer hash."""
-    mask = 0xFFFFFFFF
-    h = ((pix * 73856093) & mask) ^ seed
-    h = ((h ^ (h >> 13)) * 1274126177) & mask
-    h = ((h ^ (h >> 16)) * 668265263) & mask
-    h = h ^ (h >> 15)
-    return [((h >> (10 * c)) & 0x3FF).to(torch.float32) / 1024.0 for c in range(3)]
+_NOISE_SIDE = 256
+_NOISE_TABLE = None
+
+
+def _noise_table() -> torch.Tensor:
+    """A fixed table of uniform noise in [-1, 1), ``[3, 256 * 256]`` (same on every machine)."""
+    global _NOISE_TABLE
+    if _NOISE_TABLE is None:
+        rng = np.random.Generator(np.random.PCG64(20230617))
+        _NOISE_TABLE = torch.from_numpy((rng.random((3, _NOISE_SIDE * _NOISE_SIDE)) * 2.0 - 1.0).astype(np.float32))
+    return _NOISE_TABLE
 
 
 def background(packed: dict, x: torch.Tensor, y: torch.Tensor, pix_id: torch.Tensor) -> torch.Tensor:
@@ -463,11 +466,17 @@ def render(packed: dict, size: int, supersample: int = 1) -> dict:
     pid = torch.arange(hi * hi, dtype=torch.int64)
     bg = background(packed, x[0], y[0], pid)
     img = torch.where((win >= 0).unsqueeze(1), col, bg)
-    # sensor noise
-    seeds = packed["noise_seed"].unsqueeze(1)
+    # sensor noise: a window of a fixed noise table at a per-sample offset
+    seeds = packed["noise_seed"]
+    ox = (seeds % _NOISE_SIDE).unsqueeze(1)
+    oy = ((seeds // _NOISE_SIDE) % _NOISE_SIDE).unsqueeze(1)
+    rows = torch.div(pid, hi, rounding_mode="floor").unsqueeze(0)
+    cols = (pid - torch.div(pid, hi, rounding_mode="floor") * hi).unsqueeze(0)
+    nidx = ((rows + oy) % _NOISE_SIDE) * _NOISE_SIDE + (cols + ox) % _NOISE_SIDE  # [N, P]
+    table = _noise_table()
     sig = _col(glob, _G_NOISE)
-    for ch, u in enumerate(_hash_uniform3(pid.unsqueeze(0), seeds)):
-        img[:, ch] = img[:, ch] + (u * 2.0 - 1.0) * sig
+    for ch in range(3):
+        img[:, ch] = img[:, ch] + table[ch][nidx] * sig
     img = torch.clamp(img, 0.0, 1.0).reshape(n, 3, hi, hi)
     if ss > 1:
         img = img.reshape(n, 3, size, ss, size, ss)

@@ -21,7 +21,7 @@ import numpy as np
 ELLIPSOID, BOX = 0, 1
 
 # number of triangle-wave terms of the procedural textures
-N_WAVES = 3
+N_WAVES = 2
 
 
 def rot_x(a: float) -> np.ndarray:
