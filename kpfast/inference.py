@@ -63,7 +63,7 @@ def _to_tensor(image) -> Tensor:
     except ImportError:  # pragma: no cover
         Image = None
     if Image is not None and isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = np.array(image.convert("RGB"))
     t = torch.as_tensor(np.asarray(image)) if isinstance(image, np.ndarray) else image
     if not isinstance(t, Tensor):
         raise TypeError(f"images must be tensors, numpy arrays or PIL images, got {type(image).__name__}")
