@@ -124,3 +124,61 @@ def edge_map_reference(
         w = _upcast(edge_weight)
         s = s * (w.unsqueeze(-1) if w.dim() == 2 else w.view(1, -1, 1))
     return s.max(dim=1).values.reshape(B, H, W).to(out_dtype)
+
+
+def _readout_stack(readouts, B: int, K: int, H: int, W: int, dtype, device) -> torch.Tensor | None:
+    """``[B, K, C, H*W]`` from a ``[B, K, C, H, W]`` tensor or a sequence of ``[B, K, H, W]`` maps."""
+    if readouts is None:
+        return None
+    if isinstance(readouts, torch.Tensor):
+        r = readouts
+    elif len(readouts) == 0:
+        r = torch.zeros(B, K, 0, H, W, dtype=dtype, device=device)
+    else:
+        r = torch.stack(list(readouts), dim=2)
+    return _upcast(r).to(dtype).reshape(B, K, r.shape[2], H * W)
+
+
+def soft_argmax_reference(heatmaps: torch.Tensor, readouts=None, *, beta=1.0):
+    """Softmax expectation of each heatmap and readout (spec of :func:`kpfast.soft_argmax`).
+
+    Paper Eqs. 1 and 4. For the heatmap ``H_k`` of keypoint ``k`` and pixel centres ``p``::
+
+        z(p) = beta * H_k(p)          (-inf where H_k(p) = -inf, whatever beta: a masked pixel)
+        w    = softmax over the H*W pixels of z
+        k    = sum_p w(p) p           (x, y) in [-1, 1], align_corners=True pixel centres
+        r_c  = sum_p w(p) R_c(p)      one value per readout map (uncertainty logit, depth, ...)
+
+    A row that is -inf everywhere has no weights: its keypoint and values are NaN (as
+    ``torch.softmax``); ``+inf`` or NaN anywhere in a row makes that row NaN.
+
+    Args:
+        heatmaps: ``[B, K, H, W]`` logits.
+        readouts: ``[B, K, C, H, W]``, a sequence of ``C`` maps ``[B, K, H, W]``, or None.
+        beta: inverse temperature, a float or a 0-dim tensor.
+
+    Returns:
+        ``(keypoints [B, K, 2], values [B, K, C] or None)`` in the dtype of ``heatmaps``.
+
+    Example:
+        >>> h = torch.full((1, 1, 3, 5), -1e4)
+        >>> h[0, 0, 2, 1] = 0.0
+        >>> kp, v = soft_argmax_reference(h, [torch.arange(15.0).reshape(1, 1, 3, 5)])
+        >>> kp, v
+        (tensor([[[-0.5000,  1.0000]]]), tensor([[[11.]]]))
+    """
+    out_dtype = heatmaps.dtype
+    h = _upcast(heatmaps)
+    dtype, device = h.dtype, h.device
+    B, K, H, W = h.shape
+    b = beta.to(dtype) if isinstance(beta, torch.Tensor) else float(beta)
+    masked = h == float("-inf")
+    # The where on both sides keeps beta's gradient finite at masked pixels (0 * -inf would be NaN).
+    z = torch.where(masked, float("-inf"), b * torch.where(masked, 0.0, h))
+    w = torch.softmax(z.reshape(B, K, H * W), dim=-1)
+    ys, xs = pixel_centers(H, dtype, device), pixel_centers(W, dtype, device)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(H * W, 2)
+    keypoints = w @ grid
+    r = _readout_stack(readouts, B, K, H, W, dtype, device)
+    values = None if r is None else torch.einsum("bkcp,bkp->bkc", r, w).to(out_dtype)
+    return keypoints.to(out_dtype), values
