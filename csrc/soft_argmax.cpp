@@ -74,6 +74,9 @@ Planes<T> planes_of(const py::array& a, const char* name, int64_t B, int64_t K, 
   if (a.ndim() != 4 || a.shape(0) != B || a.shape(1) != K || a.shape(2) != H || a.shape(3) != W) {
     throw std::invalid_argument(std::string(name) + ": unexpected shape");
   }
+  Planes<T> m;
+  m.p = static_cast<T*>(const_cast<void*>(a.data()));
+  if (a.size() == 0) return m;  // nothing to read (numpy reports zero strides for empty arrays)
   const auto es = static_cast<py::ssize_t>(sizeof(T));
   if ((W > 1 && a.strides(3) != es) || (H > 1 && a.strides(2) != W * es)) {
     throw std::invalid_argument(std::string(name) + ": each H x W plane must be contiguous");
@@ -81,8 +84,6 @@ Planes<T> planes_of(const py::array& a, const char* name, int64_t B, int64_t K, 
   if (a.strides(0) < 0 || a.strides(1) < 0 || a.strides(0) % es || a.strides(1) % es) {
     throw std::invalid_argument(std::string(name) + ": unsupported batch/keypoint strides");
   }
-  Planes<T> m;
-  m.p = static_cast<T*>(const_cast<void*>(a.data()));
   m.sb = a.strides(0) / es;
   m.sk = a.strides(1) / es;
   return m;

@@ -55,7 +55,7 @@ def _beta(beta_ptr, beta_value, HAS_BETA_PTR: tl.constexpr, DT: tl.constexpr):
     if HAS_BETA_PTR:
         beta = tl.load(beta_ptr).to(DT)
     else:
-        beta = beta_value.to(DT)
+        beta = beta_value  # float32 argument; float64 kernels always read beta from memory
     return beta
 
 
