@@ -31,10 +31,18 @@ namespace {
 
 constexpr int64_t CHUNK = 1024;  // elements of one plane processed together (fits L1 with its scratch)
 
+// Inlined into the ISA-specific clones of the row kernels below (GCC inlines a function
+// without a target attribute into a clone only when told to).
+#if defined(__GNUC__)
+#define KPFAST_INLINE inline __attribute__((always_inline))
+#else
+#define KPFAST_INLINE inline
+#endif
+
 // exp for float that gcc can vectorize (std::exp is an opaque call). Cephes
 // expf range reduction and polynomial, about 1 ulp; NaN propagates, -inf -> 0,
 // results below the smallest normal float flush to 0, above FLT_MAX give inf.
-inline float fast_exp(float x) {
+KPFAST_INLINE float fast_exp(float x) {
   const float xc = std::min(std::max(x, -87.0f), 88.0f);
   const float t = xc * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: round to nearest integer
   const float n = t - 12582912.0f;
@@ -58,7 +66,7 @@ inline float fast_exp(float x) {
   return x != x ? x : res;
 }
 
-inline double fast_exp(double x) { return std::exp(x); }
+KPFAST_INLINE double fast_exp(double x) { return std::exp(x); }
 
 // A stack of H x W planes indexed by (b, k): contiguous planes, any b/k strides.
 template <typename T>
@@ -113,83 +121,97 @@ struct Problem {
   }
 };
 
-// z = beta * h, and -inf wherever h is -inf (a masked pixel, whatever beta is). Returns max z.
+// The per-row kernels are compiled twice on x86-64 Linux, for x86-64-v3 (AVX2 and FMA, Haswell and
+// later) and for the baseline, and the loader picks one (GCC function multi-versioning):
+// the build keeps its portable flags and gets 8-wide vectors where the CPU has them.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define KPFAST_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define KPFAST_CLONES
+#endif
+
+// z = beta * h, and -inf wherever h is -inf (a masked pixel, whatever beta is).
 template <typename T>
-inline T logits(const T* h, T beta, int64_t n, T* z) {
-  const T ninf = -std::numeric_limits<T>::infinity();
-  T zmax = ninf;
-#pragma omp simd reduction(max : zmax)
-  for (int64_t t = 0; t < n; ++t) {
-    const T v = h[t] == ninf ? ninf : beta * h[t];
-    z[t] = v;
-    zmax = zmax > v ? zmax : v;
-  }
-  return zmax;
+KPFAST_INLINE T logit(T h, T beta) {
+  return h == -std::numeric_limits<T>::infinity() ? h : beta * h;
 }
 
-// Calls seg(t0, n, j0, i) for the pieces of [q0, q0 + n) that lie in one image row i, starting at column j0.
-template <typename F>
-inline void row_segments(int64_t q0, int64_t n, int64_t W, F&& seg) {
-  int64_t t = 0;
-  while (t < n) {
-    const int64_t q = q0 + t, i = q / W, j0 = q - i * W;
-    const int64_t len = std::min(W - j0, n - t);
-    seg(t, len, j0, i);
-    t += len;
+// One heatmap row: sc[c] = sum_p w R_c, out = (k_x, k_y, max logit m, normalizer l); values = sc / l.
+// Each chunk: (1) logits and their max, (2) weights e = exp(z - m) with the coordinate sums,
+// (3) one pass per readout. Only (1) and (3) touch memory outside L1.
+template <typename T>
+KPFAST_CLONES void forward_row(const Problem<T>& P, int64_t b, int64_t k, T* sc, T* out) {
+  const int64_t HW = P.H * P.W, C = P.C;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const T* h = P.h.at(b, k);
+  const T beta = P.beta;
+  alignas(64) T z[CHUNK];
+  for (int64_t c = 0; c < C; ++c) sc[c] = T(0);
+  T m = ninf, l = 0, sx = 0, sy = 0;
+  for (int64_t q0 = 0; q0 < HW; q0 += CHUNK) {
+    const int64_t n = std::min(CHUNK, HW - q0);
+    const T* hq = h + q0;
+    T cmax = ninf;
+#pragma omp simd reduction(max : cmax)
+    for (int64_t t = 0; t < n; ++t) {
+      const T v = logit(hq[t], beta);
+      z[t] = v;
+      cmax = cmax > v ? cmax : v;
+    }
+    const T mnew = std::max(m, cmax);
+    const T mu = mnew == ninf ? T(0) : mnew;  // a chunk of masked pixels only adds exp(-inf) = 0
+    const T alpha = fast_exp(m - mu);          // 0 while nothing was seen (m = -inf)
+    if (alpha != T(1)) {
+      l *= alpha;
+      sx *= alpha;
+      sy *= alpha;
+      for (int64_t c = 0; c < C; ++c) sc[c] *= alpha;
+    }
+    m = mnew;
+    for (int64_t t0 = 0, len; t0 < n; t0 += len) {  // one image row at a time: y is constant
+      const int64_t q = q0 + t0, i = q / P.W, j0 = q - i * P.W;
+      len = std::min(P.W - j0, n - t0);
+      T se = 0, sex = 0;
+      T* e = z + t0;
+      const T* x = P.xs.data() + j0;
+#pragma omp simd reduction(+ : se, sex)
+      for (int64_t t = 0; t < len; ++t) {
+        const T w = fast_exp(e[t] - mu);
+        e[t] = w;
+        se += w;
+        sex += w * x[t];
+      }
+      l += se;
+      sx += sex;
+      sy += se * P.ys[i];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const T* r = P.r[c].at(b, k) + q0;
+      T s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t t = 0; t < n; ++t) s += z[t] * r[t];
+      sc[c] += s;
+    }
   }
+  out[0] = sx;
+  out[1] = sy;
+  out[2] = m;
+  out[3] = l;
 }
 
 template <typename T>
 void forward(const Problem<T>& P, T* kp, T* values, T* stats, int threads) {
-  const int64_t HW = P.H * P.W, C = P.C;
-  const T ninf = -std::numeric_limits<T>::infinity();
+  const int64_t C = P.C;
   parallel_for(P.B * P.K, threads, [&](int64_t row) {
-    const int64_t b = row / P.K, k = row % P.K;
-    const T* h = P.h.at(b, k);
-    alignas(64) T z[CHUNK];
-    std::vector<T> sc(C, T(0));
-    T m = ninf, l = 0, sx = 0, sy = 0;
-    for (int64_t q0 = 0; q0 < HW; q0 += CHUNK) {
-      const int64_t n = std::min(CHUNK, HW - q0);
-      const T cmax = logits(h + q0, P.beta, n, z);
-      const T mnew = std::max(m, cmax);
-      const T mu = mnew == ninf ? T(0) : mnew;  // a chunk of masked pixels only adds exp(-inf) = 0
-      const T alpha = fast_exp(m - mu);          // 0 while nothing was seen (m = -inf)
-      if (alpha != T(1)) {
-        l *= alpha;
-        sx *= alpha;
-        sy *= alpha;
-        for (int64_t c = 0; c < C; ++c) sc[c] *= alpha;
-      }
-      m = mnew;
-#pragma omp simd
-      for (int64_t t = 0; t < n; ++t) z[t] = fast_exp(z[t] - mu);  // z now holds the weights e
-      row_segments(q0, n, P.W, [&](int64_t t0, int64_t len, int64_t j0, int64_t i) {
-        T se = 0, sex = 0;
-        const T* e = z + t0;
-        const T* x = P.xs.data() + j0;
-#pragma omp simd reduction(+ : se, sex)
-        for (int64_t t = 0; t < len; ++t) {
-          se += e[t];
-          sex += e[t] * x[t];
-        }
-        l += se;
-        sx += sex;
-        sy += se * P.ys[i];
-      });
-      for (int64_t c = 0; c < C; ++c) {
-        const T* r = P.r[c].at(b, k) + q0;
-        T s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t t = 0; t < n; ++t) s += z[t] * r[t];
-        sc[c] += s;
-      }
-    }
+    T out[4];
+    T* sc = values + row * C;
+    forward_row(P, row / P.K, row % P.K, sc, out);
+    const T l = out[3];
     // A row that is masked everywhere has l = 0: 0 / 0 = NaN keypoints and values, as torch.softmax.
-    kp[row * 2 + 0] = sx / l;
-    kp[row * 2 + 1] = sy / l;
-    for (int64_t c = 0; c < C; ++c) values[row * C + c] = sc[c] / l;
-    stats[row * 2 + 0] = m;
+    kp[row * 2 + 0] = out[0] / l;
+    kp[row * 2 + 1] = out[1] / l;
+    for (int64_t c = 0; c < C; ++c) sc[c] /= l;
+    stats[row * 2 + 0] = out[2];
     stats[row * 2 + 1] = l;
   });
 }
@@ -206,63 +228,82 @@ struct Grads {
   T* gbeta;             // [B, K] or nullptr
 };
 
+// One heatmap row of the backward; returns its share of d/dbeta. With w = exp(z - m) / l and
+// delta = g_x (x - k_x) + g_y (y - k_y) + sum_c g_c (R_c - r_c):
+//   dL/dh = beta w delta,  dL/dR_c = g_c w,  dL/dbeta = sum_p w h delta.
+// Each chunk: (1) w and the coordinate part of delta, (2) one pass per readout, (3) dL/dh and
+// dL/dbeta; every map is read or written once.
 template <typename T>
-void backward(const Problem<T>& P, const Grads<T>& G, int threads) {
+KPFAST_CLONES T backward_row(const Problem<T>& P, const Grads<T>& G, int64_t row) {
   const int64_t HW = P.H * P.W, C = P.C;
+  const int64_t b = row / P.K, k = row % P.K;
   const T ninf = -std::numeric_limits<T>::infinity();
   const bool need_h = G.gh.p != nullptr, need_r = !G.gr.empty(), need_beta = G.gbeta != nullptr;
   const bool need_delta = need_h || need_beta;
-  parallel_for(P.B * P.K, threads, [&](int64_t row) {
-    const int64_t b = row / P.K, k = row % P.K;
-    const T* h = P.h.at(b, k);
-    const T m = G.stats[row * 2], inv_l = T(1) / G.stats[row * 2 + 1];
-    const T gx = G.gkp[row * 2], gy = G.gkp[row * 2 + 1];
-    const T kx = G.kp[row * 2], ky = G.kp[row * 2 + 1];
-    const T beta = P.beta;
-    // sum_p w (h - c0) delta = sum_p w h delta (sum_p w delta = 0); c0 ~ max h keeps the terms small.
-    const T c0 = (beta != T(0) && std::isfinite(m)) ? m / beta : T(0);
-    alignas(64) T w[CHUNK];
-    alignas(64) T delta[CHUNK];
-    T gb = 0;
-    for (int64_t q0 = 0; q0 < HW; q0 += CHUNK) {
-      const int64_t n = std::min(CHUNK, HW - q0);
-      logits(h + q0, beta, n, w);
+  const T* h = P.h.at(b, k);
+  const T m = G.stats[row * 2], inv_l = T(1) / G.stats[row * 2 + 1];
+  const T gx = G.gkp[row * 2], gy = G.gkp[row * 2 + 1];
+  const T kx = G.kp[row * 2], ky = G.kp[row * 2 + 1];
+  const T beta = P.beta;
+  // sum_p w (h - c0) delta = sum_p w h delta (sum_p w delta = 0); c0 ~ max h keeps the terms small.
+  const T c0 = (beta != T(0) && std::isfinite(m)) ? m / beta : T(0);
+  alignas(64) T w[CHUNK];
+  alignas(64) T delta[CHUNK];
+  T gb = 0;
+  for (int64_t q0 = 0; q0 < HW; q0 += CHUNK) {
+    const int64_t n = std::min(CHUNK, HW - q0);
+    const T* hq = h + q0;
+    for (int64_t t0 = 0, len; t0 < n; t0 += len) {  // one image row at a time: y is constant
+      const int64_t q = q0 + t0, i = q / P.W, j0 = q - i * P.W;
+      len = std::min(P.W - j0, n - t0);
+      const T base = gy * (P.ys[i] - ky) - gx * kx;
+      const T* x = P.xs.data() + j0;
+      const T* hs = hq + t0;
+      T* ws = w + t0;
+      T* d = delta + t0;
 #pragma omp simd
-      for (int64_t t = 0; t < n; ++t) w[t] = fast_exp(w[t] - m) * inv_l;
-      if (need_delta) {
-        row_segments(q0, n, P.W, [&](int64_t t0, int64_t len, int64_t j0, int64_t i) {
-          const T base = gy * (P.ys[i] - ky) - gx * kx;
-          const T* x = P.xs.data() + j0;
-          T* d = delta + t0;
-#pragma omp simd
-          for (int64_t t = 0; t < len; ++t) d[t] = gx * x[t] + base;
-        });
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        const T g = G.gval[row * C + c], v = G.values[row * C + c];
-        if (need_delta) {
-          const T* r = P.r[c].at(b, k) + q0;
-#pragma omp simd
-          for (int64_t t = 0; t < n; ++t) delta[t] += g * (r[t] - v);
-        }
-        if (need_r) {
-          T* gr = G.gr[c].at(b, k) + q0;
-#pragma omp simd
-          for (int64_t t = 0; t < n; ++t) gr[t] = g * w[t];
-        }
-      }
-      if (need_h) {
-        T* gh = G.gh.at(b, k) + q0;
-#pragma omp simd
-        for (int64_t t = 0; t < n; ++t) gh[t] = beta * w[t] * delta[t];
-      }
-      if (need_beta) {
-        const T* hq = h + q0;
-#pragma omp simd reduction(+ : gb)
-        for (int64_t t = 0; t < n; ++t) gb += hq[t] == ninf ? T(0) : w[t] * (hq[t] - c0) * delta[t];
+      for (int64_t t = 0; t < len; ++t) {
+        ws[t] = fast_exp(logit(hs[t], beta) - m) * inv_l;
+        d[t] = gx * x[t] + base;
       }
     }
-    if (need_beta) G.gbeta[row] = gb;
+    for (int64_t c = 0; c < C; ++c) {
+      const T g = G.gval[row * C + c], v = G.values[row * C + c];
+      const T* r = P.r[c].at(b, k) + q0;
+      if (need_delta && need_r) {
+        T* gr = G.gr[c].at(b, k) + q0;
+#pragma omp simd
+        for (int64_t t = 0; t < n; ++t) {
+          delta[t] += g * (r[t] - v);
+          gr[t] = g * w[t];
+        }
+      } else if (need_delta) {
+#pragma omp simd
+        for (int64_t t = 0; t < n; ++t) delta[t] += g * (r[t] - v);
+      } else if (need_r) {
+        T* gr = G.gr[c].at(b, k) + q0;
+#pragma omp simd
+        for (int64_t t = 0; t < n; ++t) gr[t] = g * w[t];
+      }
+    }
+    if (need_h) {
+      T* gh = G.gh.at(b, k) + q0;
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) gh[t] = beta * w[t] * delta[t];
+    }
+    if (need_beta) {
+#pragma omp simd reduction(+ : gb)
+      for (int64_t t = 0; t < n; ++t) gb += hq[t] == ninf ? T(0) : w[t] * (hq[t] - c0) * delta[t];
+    }
+  }
+  return gb;
+}
+
+template <typename T>
+void backward(const Problem<T>& P, const Grads<T>& G, int threads) {
+  parallel_for(P.B * P.K, threads, [&](int64_t row) {
+    const T gb = backward_row(P, G, row);
+    if (G.gbeta) G.gbeta[row] = gb;
   });
 }
 
