@@ -1,7 +1,7 @@
 """kpfast: fused kernels and training for few-shot, geometry-aware keypoint localization.
 
 Ops (``[B, K, 2]`` keypoints in ``[-1, 1]``, ``align_corners=True`` pixel centres):
-``edge_map``. Backend selection: ``use_backend``, ``set_backend``,
+``edge_map``, ``soft_argmax``. Backend selection: ``use_backend``, ``set_backend``,
 ``get_backend``. The plain-PyTorch spec of every op: ``kpfast.reference``.
 """
 
