@@ -20,7 +20,8 @@ Readouts are addressed as ``base + b*r_sb + k*r_sk + offset_c + p`` with
 ``offset_c = c * r_sc`` (a stacked tensor, or a sequence of maps that are equally
 spaced in memory such as channel chunks of one network output) or read from an
 int64 table of element offsets relative to the first map (any other sequence of
-same-dtype maps): a sequence of readouts is never copied into a stacked tensor.
+same-dtype maps, cached per layout): a sequence of readouts is never copied into a
+stacked tensor.
 Semantics: ``kpfast/reference.py::soft_argmax_reference``.
 """
 
@@ -33,12 +34,19 @@ import triton
 import triton.language as tl
 
 MAX_CG = 8  # readout channels accumulated by one program
+FAST_DIV_MAX = 1 << 20  # planes up to this many pixels find their row without integer division
 TARGET_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
-def _coords(offs, W, step_x, step_y, DT: tl.constexpr):
-    i = offs // W
+def _coords(offs, W, step_x, step_y, DT: tl.constexpr, FAST_DIV: tl.constexpr):
+    """Pixel centres of flat plane offsets. With FAST_DIV (H*W <= FAST_DIV_MAX) the row is
+    trunc((offs + 0.5) / W) in float32, exact there: the quotient is at least 0.5 / W away
+    from an integer and its relative error is a few 2^-24 (no integer division on the GPU)."""
+    if FAST_DIV:
+        i = ((offs.to(tl.float32) + 0.5) * (1.0 / W.to(tl.float32))).to(tl.int32)
+    else:
+        i = offs // W
     j = offs - i * W
     return j.to(DT) * step_x - 1.0, i.to(DT) * step_y - 1.0
 
@@ -64,7 +72,7 @@ def _soft_argmax_fwd_kernel(
     h_ptr, r_ptr, roff_ptr, beta_ptr, kp_ptr, val_ptr, stats_ptr, part_ptr,
     beta_value, K, H, W, h_sb, h_sk, r_sb, r_sk, r_sc, C, tiles_per_split, nsplit,
     HAS_BETA_PTR: tl.constexpr, HAS_R: tl.constexpr, USE_TABLE: tl.constexpr, SPLIT: tl.constexpr,
-    CG: tl.constexpr, BLOCK: tl.constexpr, DT: tl.constexpr,
+    CG: tl.constexpr, BLOCK: tl.constexpr, DT: tl.constexpr, FAST_DIV: tl.constexpr,
 ):
     row = tl.program_id(0)
     grp = tl.program_id(1)
@@ -103,7 +111,7 @@ def _soft_argmax_fwd_kernel(
         mu = tl.where(m_new == neg_inf, 0.0, m_new)  # a lane that saw only masked pixels adds exp(-inf) = 0
         alpha = tl.exp(m - mu)
         e = tl.exp(z - mu)
-        x, y = _coords(offs, W, step_x, step_y, DT)
+        x, y = _coords(offs, W, step_x, step_y, DT, FAST_DIV)
         l = l * alpha + e
         sx = sx * alpha + e * x
         sy = sy * alpha + e * y
@@ -178,7 +186,7 @@ def _soft_argmax_bwd_kernel(
     beta_value, K, H, W, h_sb, h_sk, r_sb, r_sk, r_sc, C, g_sc, g_sb, g_sk, tiles_per_split, nsplit,
     HAS_BETA_PTR: tl.constexpr, USE_TABLE: tl.constexpr,
     NEED_H: tl.constexpr, NEED_R: tl.constexpr, NEED_BETA: tl.constexpr,
-    BLOCK: tl.constexpr, DT: tl.constexpr,
+    BLOCK: tl.constexpr, DT: tl.constexpr, FAST_DIV: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -212,7 +220,7 @@ def _soft_argmax_bwd_kernel(
         z = tl.where(hv == neg_inf, neg_inf, beta * hv)
         w = tl.exp(z - mx) * inv_l
         if NEED_H or NEED_BETA:
-            x, y = _coords(offs, W, step_x, step_y, DT)
+            x, y = _coords(offs, W, step_x, step_y, DT, FAST_DIV)
             delta = gx * (x - kx) + gy * (y - ky)
         for c in range(C):
             g = tl.load(gval_ptr + row64 * C + c).to(DT)
@@ -273,6 +281,16 @@ def _splits(rows: int, n_tiles: int, programs: int, split) -> int:
     return max(1, min(n_tiles // 2, triton.cdiv(programs, rows)))
 
 
+@functools.lru_cache(maxsize=64)
+def _offset_table(device: torch.device, offsets: tuple) -> torch.Tensor:
+    """The int64 offsets of an irregular sequence of readouts, on the device.
+
+    Built once per layout (a host-to-device copy); the caching allocator usually hands
+    a training loop the same addresses every step, so later calls reuse the table.
+    """
+    return torch.tensor(offsets, dtype=torch.int64, device=device)
+
+
 class _Readouts:
     """Where readout channel c of row (b, k) starts: ``base + b*sb + k*sk + off_c`` (elements)."""
 
@@ -298,7 +316,7 @@ class _Readouts:
             if all(o == c * step for c, o in enumerate(offs)):
                 self.sc = step  # equally spaced, e.g. chunks of one tensor: no table
             else:
-                self.table = torch.tensor(offs, dtype=torch.int64, device=heatmaps.device)
+                self.table = _offset_table(heatmaps.device, tuple(offs))
 
     @property
     def use_table(self) -> bool:
@@ -348,7 +366,7 @@ def soft_argmax_forward(heatmaps, readouts, stacked, beta, beta_value, *, split=
         heatmaps, R.base, R.table_or(stats), beta_t if beta_t is not None else stats, kp, values, stats, part,
         beta_f, K, H, W, heatmaps.stride(0), heatmaps.stride(1), R.sb, R.sk, R.sc, C, per, nsplit,
         HAS_BETA_PTR=beta_t is not None, HAS_R=C > 0, USE_TABLE=R.use_table, SPLIT=nsplit > 1,
-        CG=cg, BLOCK=block, DT=_tl_dtype(heatmaps.dtype), num_warps=_warps(block),
+        CG=cg, BLOCK=block, DT=_tl_dtype(heatmaps.dtype), FAST_DIV=HW <= FAST_DIV_MAX, num_warps=_warps(block),
     )
     if nsplit > 1:
         _soft_argmax_combine_kernel[(rows,)](
@@ -392,7 +410,7 @@ def soft_argmax_backward(grad_kp, grad_values, heatmaps, readouts, stacked, beta
             beta_f, K, H, W, heatmaps.stride(0), heatmaps.stride(1), R.sb, R.sk, R.sc, C, g_sc, g_sb, g_sk, per, nsplit,
             HAS_BETA_PTR=beta_t is not None, USE_TABLE=R.use_table,
             NEED_H=need_heatmaps, NEED_R=need_readouts, NEED_BETA=need_beta,
-            BLOCK=block, DT=_tl_dtype(dtype), num_warps=_warps(block),
+            BLOCK=block, DT=_tl_dtype(dtype), FAST_DIV=HW <= FAST_DIV_MAX, num_warps=_warps(block),
         )
     if need_beta:
         gb = gb.sum(1).reshape(B, K)
@@ -414,13 +432,13 @@ def _compile_cases():
         fwd_sig = {
             "h_ptr": ptr, "r_ptr": ptr, "roff_ptr": "*i64", "beta_ptr": acc, "kp_ptr": acc, "val_ptr": acc,
             "stats_ptr": acc, "part_ptr": acc, "beta_value": "fp32", **{n: "i32" for n in ints},
-            **{n: _CONSTEXPR for n in ("HAS_BETA_PTR", "HAS_R", "USE_TABLE", "SPLIT", "CG", "BLOCK", "DT")},
+            **{n: _CONSTEXPR for n in ("HAS_BETA_PTR", "HAS_R", "USE_TABLE", "SPLIT", "CG", "BLOCK", "DT", "FAST_DIV")},
         }
         fwd_variants = [
-            dict(HAS_BETA_PTR=False, HAS_R=False, USE_TABLE=False, SPLIT=False, CG=1),
-            dict(HAS_BETA_PTR=True, HAS_R=True, USE_TABLE=False, SPLIT=False, CG=2),
-            dict(HAS_BETA_PTR=False, HAS_R=True, USE_TABLE=True, SPLIT=True, CG=2),
-            dict(HAS_BETA_PTR=True, HAS_R=True, USE_TABLE=False, SPLIT=True, CG=MAX_CG),
+            dict(HAS_BETA_PTR=False, HAS_R=False, USE_TABLE=False, SPLIT=False, CG=1, FAST_DIV=True),
+            dict(HAS_BETA_PTR=True, HAS_R=True, USE_TABLE=False, SPLIT=False, CG=2, FAST_DIV=True),
+            dict(HAS_BETA_PTR=False, HAS_R=True, USE_TABLE=True, SPLIT=True, CG=2, FAST_DIV=False),
+            dict(HAS_BETA_PTR=True, HAS_R=True, USE_TABLE=False, SPLIT=True, CG=MAX_CG, FAST_DIV=True),
         ]
         for v in fwd_variants:
             block = _block(1 << 16, v["CG"])
@@ -435,13 +453,13 @@ def _compile_cases():
             "gkp_ptr": acc, "gval_ptr": acc, "h_ptr": ptr, "r_ptr": ptr, "roff_ptr": "*i64", "beta_ptr": acc,
             "kp_ptr": acc, "val_ptr": acc, "stats_ptr": acc, "gh_ptr": ptr, "gr_ptr": ptr, "gb_ptr": acc,
             "beta_value": "fp32", **{n: "i32" for n in bwd_ints},
-            **{n: _CONSTEXPR for n in ("HAS_BETA_PTR", "USE_TABLE", "NEED_H", "NEED_R", "NEED_BETA", "BLOCK", "DT")},
+            **{n: _CONSTEXPR for n in ("HAS_BETA_PTR", "USE_TABLE", "NEED_H", "NEED_R", "NEED_BETA", "BLOCK", "DT", "FAST_DIV")},
         }
         bwd_variants = [
-            dict(HAS_BETA_PTR=False, USE_TABLE=False, NEED_H=True, NEED_R=True, NEED_BETA=False),
-            dict(HAS_BETA_PTR=True, USE_TABLE=False, NEED_H=True, NEED_R=True, NEED_BETA=True),
-            dict(HAS_BETA_PTR=True, USE_TABLE=True, NEED_H=False, NEED_R=True, NEED_BETA=False),
-            dict(HAS_BETA_PTR=True, USE_TABLE=False, NEED_H=False, NEED_R=False, NEED_BETA=True),
+            dict(HAS_BETA_PTR=False, USE_TABLE=False, NEED_H=True, NEED_R=True, NEED_BETA=False, FAST_DIV=True),
+            dict(HAS_BETA_PTR=True, USE_TABLE=False, NEED_H=True, NEED_R=True, NEED_BETA=True, FAST_DIV=True),
+            dict(HAS_BETA_PTR=True, USE_TABLE=True, NEED_H=False, NEED_R=True, NEED_BETA=False, FAST_DIV=False),
+            dict(HAS_BETA_PTR=True, USE_TABLE=False, NEED_H=False, NEED_R=False, NEED_BETA=True, FAST_DIV=False),
         ]
         for v in bwd_variants:
             label = f"{ptr[1:]} " + " ".join(f"{k.lower()}={int(x)}" for k, x in v.items())

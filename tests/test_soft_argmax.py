@@ -210,6 +210,41 @@ def test_triton_split_planes_and_channel_groups(dtype):
                      what=f"d/d{name}", seed=seed)
 
 
+def test_float_row_index_is_exact():
+    """The Triton kernels find a pixel's row as trunc((q + 0.5) * (1 / W)) in float32 (FAST_DIV):
+    exact for every offset q of planes of 2^16 pixels (256 x 256), also when 1 / W is off by
+    2 ulp (the GPU's div.full.f32)."""
+    import numpy as np
+
+    q = np.arange(1 << 16, dtype=np.int64)
+    qf = q.astype(np.float32) + np.float32(0.5)
+    for W in list(range(1, 300)) + [511, 512, 1000, 1023, 4097, 65535, 65536]:
+        inv = np.float32(1.0) / np.float32(W)
+        # the exact reciprocal, then 1 and 2 ulp off in both directions
+        candidates = [inv, np.nextafter(inv, np.float32(1)), np.nextafter(np.nextafter(inv, np.float32(1)), np.float32(1)),
+                      np.nextafter(inv, np.float32(0)), np.nextafter(np.nextafter(inv, np.float32(0)), np.float32(0))]
+        for r in candidates:
+            assert np.array_equal((qf * r).astype(np.int32), q // W), (W, r)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton kernels need the interpreter or a GPU")
+def test_triton_integer_row_index_path(monkeypatch):
+    """Planes above FAST_DIV_MAX pixels use integer division: the same results."""
+    from kpfast.kernels import soft_argmax as tk
+
+    gen, seed = fresh_generator()
+    problem, leaves = make_problem(gen, H=6, W=11, device=device_for("triton"), layout="stacked")
+    want = run("triton", call, problem)
+    monkeypatch.setattr(tk, "FAST_DIV_MAX", 0)
+    got = run("triton", call, problem)
+    gk, gv = outputs_and_cotangents(got, gen)
+    names = list(leaves)
+    g_fast = torch.autograd.grad(loss(want, gk, gv), [leaves[k] for k in names])
+    g_int = torch.autograd.grad(loss(got, gk, gv), [leaves[k] for k in names])
+    for a, b in zip(list(got) + list(g_int), list(want) + list(g_fast)):
+        assert_close(a, b, rtol=1e-12, atol=1e-14, what="integer vs float row index", seed=seed)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_maps_spanning_several_tiles(backend, dtype):

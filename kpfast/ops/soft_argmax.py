@@ -263,11 +263,13 @@ def soft_argmax(heatmaps: Tensor, readouts=None, *, beta=1.0) -> tuple[Tensor, O
         heatmaps: ``[B, K, H, W]`` logits. Each H x W plane should be contiguous (any
             batch/keypoint strides, e.g. a channel slice of a network output, are read in
             place; other layouts are copied).
-        readouts: ``[B, K, C, H, W]``, a sequence of ``C`` maps ``[B, K, H, W]`` (not
-            copied into a stacked tensor), or None. ``C = 0`` is allowed. Same dtype and
-            device as ``heatmaps``.
+        readouts: ``[B, K, C, H, W]``, a sequence of ``C`` maps ``[B, K, H, W]`` (read in
+            place, never stacked; on CUDA, 3 or more maps that are not equally spaced in memory
+            need a small offset table, copied to the device the first time a layout is seen),
+            or None. ``C = 0`` is allowed. Same dtype and device as ``heatmaps``.
         beta: softmax inverse temperature: a finite float or a 0-dim tensor (may require
-            grad). Any sign; ``0`` averages uniformly over the unmasked pixels.
+            grad; its value is not inspected, so there is no host sync, and a NaN beta gives
+            NaN). Any sign; ``0`` averages uniformly over the unmasked pixels.
 
     Returns:
         ``(keypoints [B, K, 2], values [B, K, C])``, or ``(keypoints, None)`` without
