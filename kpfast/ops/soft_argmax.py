@@ -256,8 +256,9 @@ def soft_argmax(heatmaps: Tensor, readouts=None, *, beta=1.0) -> tuple[Tensor, O
     ``y = -1 + 2 i / (H - 1)``; ``-1`` when the side is 1), the ``align_corners=True``
     convention of kornia's ``spatial_expectation2d``. Gradients reach ``heatmaps``, the
     readouts and ``beta``. The fused kernels read each map once (online max and
-    normalizer), never materialize the softmax, and keep for backward only the inputs,
-    the outputs and two numbers per row (max logit and normalizer): ``O(B*K*C)``.
+    normalizer; the Triton forward re-reads a heatmap once per 8 readout channels),
+    never materialize the softmax, and keep for backward only the inputs, the outputs
+    and two numbers per row (max logit and normalizer): ``O(B*K*C)``.
 
     Args:
         heatmaps: ``[B, K, H, W]`` logits. Each H x W plane should be contiguous (any
@@ -280,8 +281,10 @@ def soft_argmax(heatmaps: Tensor, readouts=None, *, beta=1.0) -> tuple[Tensor, O
     Logits of any finite size give finite results (``+-1e4``, all equal). A row masked
     everywhere has no weights: its keypoint and values are NaN, as ``torch.softmax``
     gives, and so are its gradients. NaN or ``+inf`` in a heatmap row makes that row's
-    outputs NaN; NaN or inf in a readout map makes that value NaN (even where the weight
-    is 0). The backend follows :func:`kpfast.use_backend` (CUDA: Triton, CPU: C++).
+    outputs NaN; NaN in a readout map makes that value NaN (even where the weight is 0),
+    and an infinite readout gives an infinite or NaN value. The backend follows
+    :func:`kpfast.use_backend` (CUDA: Triton, CPU: C++). First derivatives only: the
+    backward is itself not differentiable (no double backward).
 
     Example:
         >>> import torch, kpfast
