@@ -1,5 +1,6 @@
 """The fused ops, one module each: validation, custom-op registration, autograd, dispatch."""
 
 from .edge_map import edge_map
+from .umeyama import part_alignment, umeyama
 
-__all__ = ["edge_map"]
+__all__ = ["edge_map", "part_alignment", "umeyama"]
