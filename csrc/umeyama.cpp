@@ -99,9 +99,11 @@ void jacobi4(T a[4][4], T V[4][4]) {
       for (int q = p + 1; q < 4; ++q) {
         const T apq = a[p][q];
         if (apq == T(0)) continue;
-        const T theta = (a[q][q] - a[p][p]) / (2 * apq);
-        T t = T(1) / (std::abs(theta) + std::sqrt(theta * theta + 1));
-        if (theta < 0) t = -t;
+        // t = sign(theta) / (|theta| + sqrt(theta^2 + 1)), theta = (aqq - app) / (2 apq), without
+        // dividing by apq (no overflow when it is tiny)
+        const T diff = a[q][q] - a[p][p];
+        const T den = std::abs(diff) + std::sqrt(diff * diff + 4 * apq * apq);
+        const T t = (diff < 0 ? -2 * apq : 2 * apq) / den;
         const T c = T(1) / std::sqrt(t * t + 1), s = t * c;
         a[p][p] -= t * apq;
         a[q][q] += t * apq;
