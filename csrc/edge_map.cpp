@@ -195,14 +195,15 @@ void forward(const Problem<T>& P, T* out, int32_t* winner, int threads) {
   });
 }
 
+// `partial` is caller-allocated scratch of B * bands(H) * E * NGRAD doubles.
 template <typename T>
-void backward(const Problem<T>& P, const T* grad_out, const int32_t* winner, T* grad_edges, int threads) {
+void backward(const Problem<T>& P, const T* grad_out, const int32_t* winner, double* partial, T* grad_edges, int threads) {
   const int64_t bands = (P.H + BAND_H - 1) / BAND_H;
   const std::vector<Edge<T>> geom = all_edges(P, threads);
-  std::vector<double> partial(P.B * bands * P.E * NGRAD, 0.0);
+  std::fill(partial, partial + P.B * bands * P.E * NGRAD, 0.0);
   parallel_for(P.B * bands, threads, [&](int64_t item) {
     const int64_t b = item / bands, i0 = (item % bands) * BAND_H, i1 = std::min(i0 + BAND_H, P.H);
-    double* acc = partial.data() + item * P.E * NGRAD;
+    double* acc = partial + item * P.E * NGRAD;
     for (int64_t i = i0; i < i1; ++i) {
       const T py = P.y(i);
       for (int64_t j = 0; j < P.W; ++j) {
@@ -315,22 +316,23 @@ void forward_py(const py::array& kp, const py::array& edges, const py::object& u
 
 void backward_py(const py::array& grad_out, const py::array& winner, const py::array& kp, const py::array& edges,
                  const py::object& unc, const py::object& w, double sigma2, bool precision, double eps,
-                 py::array grad_edges, int threads) {
+                 py::array scratch, py::array grad_edges, int threads) {
   const int64_t B = grad_out.shape(0), H = grad_out.shape(1), W = grad_out.shape(2);
   const int32_t* win = data_of<int32_t>(winner, "winner", {B, H, W});
   const int64_t E = edges.shape(0);
+  double* partial = data_of<double>(scratch, "scratch", {B * ((H + BAND_H - 1) / BAND_H), E, NGRAD});
   if (py::isinstance<py::array_t<double>>(kp)) {
     const auto P = problem<double>(kp, edges, unc, w, sigma2, H, W, precision, eps);
     const double* g = data_of<double>(grad_out, "grad_out", {B, H, W});
     double* ge = data_of<double>(grad_edges, "grad_edges", {B, E, NGRAD});
     py::gil_scoped_release nogil;
-    backward(P, g, win, ge, threads);
+    backward(P, g, win, partial, ge, threads);
   } else {
     const auto P = problem<float>(kp, edges, unc, w, sigma2, H, W, precision, eps);
     const float* g = data_of<float>(grad_out, "grad_out", {B, H, W});
     float* ge = data_of<float>(grad_edges, "grad_edges", {B, E, NGRAD});
     py::gil_scoped_release nogil;
-    backward(P, g, win, ge, threads);
+    backward(P, g, win, partial, ge, threads);
   }
 }
 
@@ -338,7 +340,9 @@ void backward_py(const py::array& grad_out, const py::array& winner, const py::a
 
 void register_edge_map(py::module_& m) {
   m.def("edge_map_forward", &forward_py, "edge_map forward: writes out [B,H,W] and winner [B,H,W] (int32)");
-  m.def("edge_map_backward", &backward_py, "edge_map backward: writes per-edge gradients [B,E,8]");
+  m.def("edge_map_backward", &backward_py,
+        "edge_map backward: writes per-edge gradients [B,E,8]; scratch is float64 [B*ceil(H/16),E,8]");
+  m.attr("EDGE_MAP_BAND_H") = BAND_H;
 }
 
 }  // namespace kpfast

@@ -5,10 +5,10 @@ Ops (``[B, K, 2]`` keypoints in ``[-1, 1]``, ``align_corners=True`` pixel centre
 ``get_backend``. The plain-PyTorch spec of every op: ``kpfast.reference``.
 """
 
-from . import reference
+from . import nn, reference
 from .backend import get_backend, set_backend, use_backend
 from .ops import edge_map, part_alignment, umeyama
 
 __version__ = "0.1.0"
 
-__all__ = ["edge_map", "part_alignment", "umeyama", "get_backend", "set_backend", "use_backend", "reference"]
+__all__ = ["edge_map", "part_alignment", "umeyama", "get_backend", "set_backend", "use_backend", "reference", "nn"]

@@ -18,7 +18,10 @@ NGRAD = 8  # per-edge gradient slots: a_x, a_y, b_x, b_y, v_i, v_j, w, sigma2
 
 
 def _check_values(edges: Tensor, K: int, sigma2: Tensor) -> None:
-    """Value checks that need the data (run right before a launch; a sync on CUDA)."""
+    """Value checks that need the data (right before a launch; one host sync on CUDA,
+    skipped while a CUDA graph is being captured, where a sync is not allowed)."""
+    if edges.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
     if edges.numel() and (int(edges.min()) < 0 or int(edges.max()) >= K):
         bad = edges[(edges < 0) | (edges >= K)][0].item()
         raise ValueError(f"edges: index {bad} is outside [0, K) with K = {K}")
@@ -97,10 +100,14 @@ def _edge_map_backward_op(
         )
     kp = _compute(keypoints)
     g = grad_out.contiguous().to(kp.dtype)
-    grad_edges = torch.empty(kp.shape[0], edges.shape[0], NGRAD, dtype=kp.dtype)
-    _backends.cpp().edge_map_backward(
+    B, E, H = kp.shape[0], edges.shape[0], grad_out.shape[1]
+    ext = _backends.cpp()
+    bands = -(-H // ext.EDGE_MAP_BAND_H)
+    scratch = torch.empty(B * bands, E, NGRAD, dtype=torch.float64)
+    grad_edges = torch.empty(B, E, NGRAD, dtype=kp.dtype)
+    ext.edge_map_backward(
         n(g), n(winner.contiguous()), n(kp), n(edges32), n(_compute(uncertainty)), n(_compute(edge_weight)),
-        float(s2), precision, EDGE_EPS, n(grad_edges), _backends.threads(),
+        float(s2), precision, EDGE_EPS, n(scratch), n(grad_edges), _backends.threads(),
     )
     return grad_edges
 
@@ -216,10 +223,11 @@ def edge_map(
 
     Example:
         >>> import torch, kpfast
-        >>> kp = torch.tensor([[[-0.5, -0.5], [0.5, 0.5], [0.5, -0.5]]])
-        >>> m = kpfast.edge_map(kp, [(0, 1), (1, 2)], (32, 48), sigma2=0.01)
-        >>> m.shape, float(m.max()) == 1.0
-        (torch.Size([1, 32, 48]), True)
+        >>> kp = torch.tensor([[[-1.0, 0.0], [1.0, 0.0]]])  # a horizontal line through the middle row
+        >>> kpfast.edge_map(kp, [(0, 1)], (3, 4), sigma2=1.0)
+        tensor([[[0.3679, 0.3679, 0.3679, 0.3679],
+                 [1.0000, 1.0000, 1.0000, 1.0000],
+                 [0.3679, 0.3679, 0.3679, 0.3679]]])
     """
     _checks.tensor("keypoints", keypoints, ndim=3)
     if keypoints.shape[-1] != 2:

@@ -1,0 +1,32 @@
+"""The README stays true: its Python examples run and its benchmark numbers come from committed results."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def test_readme_has_python_examples():
+    assert len(BLOCKS) >= 2
+
+
+def test_readme_python_examples_run():
+    namespace: dict = {}
+    for block in BLOCKS:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+
+
+def test_readme_benchmark_block_matches_committed_results():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "readme.py"), "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "<!-- test-command -->" in ci and "<!-- test-command -->" in README
