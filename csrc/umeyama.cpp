@@ -18,6 +18,11 @@
 namespace kpfast {
 namespace {
 
+// Problems below this many point visits run on one thread: waking a second thread costs more.
+constexpr int64_t SERIAL_WORK = 1 << 14;
+
+inline int threads_for(int64_t work, int threads) { return work < SERIAL_WORK ? 1 : threads; }
+
 enum Branch : int { NORMAL = 0, NO_SRC = 1, NO_DST = 2, UNCORR = 3, TIE = 4 };
 
 // Per-fit record written by part_alignment's forward for its backward (3-coordinate
@@ -377,7 +382,7 @@ struct UProblem {
 
 template <typename T>
 void umeyama_forward(const UProblem<T>& P, T* R, T* s, T* t, int threads) {
-  parallel_for(P.N, threads, [&](int64_t n) {
+  parallel_for(P.N, threads_for(P.N * (P.M + 64), threads), [&](int64_t n) {
     Vec3<T> os, od;
     Moments<T> Mo;
     P.moments(n, os, od, Mo);
@@ -398,7 +403,7 @@ void umeyama_forward(const UProblem<T>& P, T* R, T* s, T* t, int threads) {
 template <typename T>
 void umeyama_backward(const UProblem<T>& P, const T* gR, const T* gs, const T* gt, T* g_src, T* g_dst, T* g_w,
                       int threads) {
-  parallel_for(P.N, threads, [&](int64_t n) {
+  parallel_for(P.N, threads_for(P.N * (P.M + 64), threads), [&](int64_t n) {
     const int D = P.D;
     Vec3<T> os, od;
     Moments<T> Mo;
@@ -460,7 +465,7 @@ struct PProblem {
       for (int64_t k = 0; k < K; ++k)
         if (m[p * K + k]) members[p].push_back(static_cast<int32_t>(k));
     shift.assign(B * P * 3, T(0));
-    parallel_for(B, threads, [&](int64_t b) {
+    parallel_for(B, threads_for(B * P * K, threads), [&](int64_t b) {
       for (int64_t p = 0; p < P; ++p) {
         T W = 0, acc[3] = {0, 0, 0};
         for (int32_t k : members[p]) {
@@ -482,7 +487,7 @@ struct PProblem {
 template <typename T>
 void part_forward(const PProblem<T>& P, T* r, T* rec, int threads) {
   const int64_t B = P.B, NP = P.P;
-  parallel_for(B * B, threads, [&](int64_t ij) {
+  parallel_for(B * B, threads_for(B * B * (NP * 64 + P.K), threads), [&](int64_t ij) {
     const int64_t i = ij / B, j = ij % B;
     for (int64_t p = 0; p < NP; ++p) {
       const int64_t fit = ij * NP + p;
@@ -586,7 +591,7 @@ template <typename T>
 void part_backward(const PProblem<T>& P, const T* grad_r, const T* r, const T* rec, T* gx, T* gw, int threads) {
   const int64_t B = P.B, NP = P.P, K = P.K;
   const int D = P.D;
-  parallel_for(B, threads, [&](int64_t n) {
+  parallel_for(B, threads_for(B * B * (NP + P.K), threads), [&](int64_t n) {
     std::fill(gx + n * K * D, gx + (n + 1) * K * D, T(0));
     std::fill(gw + n * K, gw + (n + 1) * K, T(0));
     for (int64_t p = 0; p < NP; ++p) {
