@@ -554,38 +554,46 @@ void part_forward(const PProblem<T>& P, T* r, T* rec, int threads) {
   });
 }
 
+// One fit's record, scaled by its upstream gradient g, ready for the per-point gradients.
 template <typename T>
-MomentGrad<T> rec_grad(const T* rec, T g) {
-  MomentGrad<T> G;
-  for (int a = 0; a < 3; ++a) {
-    G.Sd[a] = g * rec[REC_SD + a];
-    G.Ss[a] = g * rec[REC_SS + a];
-    for (int b = 0; b < 3; ++b) G.C[a][b] = g * rec[REC_C + 3 * a + b];
-  }
-  G.Qs = g * rec[REC_QS];
-  G.W = g * rec[REC_W];
-  return G;
-}
+struct FitGrad {
+  MomentGrad<T> G;  // moment adjoints times g (zero unless full)
+  Mat3<T> A;
+  Vec3<T> t;
+  T g, gi, r;  // g, g / W, the fit's value
 
-// Gradient of one fit (rec, upstream g, value r) w.r.t. its dst point d, src point s and
-// weight c: the explicit residual term plus (full mode) the moment adjoints in rec.
-template <typename T>
-void fit_point_grad(const T* rec, T g, T r, T c, const Vec3<T>& d, const Vec3<T>& s, int D, Vec3<T>& gd,
-                    Vec3<T>& gs, T& gc) {
-  const MomentGrad<T> G = rec_grad(rec, g);
-  point_grad(G, c, d, s, gd, gs, gc);
-  const T invW = rec[REC_INVW];
-  T l1 = 0;
-  for (int a = 0; a < D; ++a) {
-    const T e = d[a] - (rec[REC_A + 3 * a] * s[0] + rec[REC_A + 3 * a + 1] * s[1] + rec[REC_A + 3 * a + 2] * s[2]) -
-                rec[REC_T + a];
-    l1 += std::abs(e);
-    const T h = g * c * sgn(e) * invW;
-    gd[a] += h;
-    for (int b = 0; b < 3; ++b) gs[b] -= rec[REC_A + 3 * a + b] * h;
+  FitGrad(const T* rec, T g_, T r_, bool full) : g(g_), r(r_) {
+    for (int a = 0; a < 3; ++a) {
+      t[a] = rec[REC_T + a];
+      for (int b = 0; b < 3; ++b) A[a][b] = rec[REC_A + 3 * a + b];
+    }
+    gi = g * rec[REC_INVW];
+    if (full) {
+      for (int a = 0; a < 3; ++a) {
+        G.Sd[a] = g * rec[REC_SD + a];
+        G.Ss[a] = g * rec[REC_SS + a];
+        for (int b = 0; b < 3; ++b) G.C[a][b] = g * rec[REC_C + 3 * a + b];
+      }
+      G.Qs = g * rec[REC_QS];
+      G.W = g * rec[REC_W];
+    }
   }
-  gc += g * (l1 - r) * invW;
-}
+
+  // Gradient w.r.t. the fit's dst point d, src point s and weight c: the explicit residual
+  // term plus the moment adjoints.
+  void point(T c, const Vec3<T>& d, const Vec3<T>& s, int D, Vec3<T>& gd, Vec3<T>& gs, T& gc) const {
+    point_grad(G, c, d, s, gd, gs, gc);
+    T l1 = 0;
+    for (int a = 0; a < D; ++a) {
+      const T e = d[a] - (A[a][0] * s[0] + A[a][1] * s[1] + A[a][2] * s[2]) - t[a];
+      l1 += std::abs(e);
+      const T h = gi * c * sgn(e);
+      gd[a] += h;
+      for (int b = 0; b < 3; ++b) gs[b] -= A[a][b] * h;
+    }
+    gc += gi * (l1 - r);
+  }
+};
 
 template <typename T>
 void part_backward(const PProblem<T>& P, const T* grad_r, const T* r, const T* rec, T* gx, T* gw, int threads) {
@@ -600,23 +608,29 @@ void part_backward(const PProblem<T>& P, const T* grad_r, const T* r, const T* r
         if (m == n) continue;
         const Vec3<T> om = P.o(m, p);
         const int64_t as_dst = (n * B + m) * NP + p, as_src = (m * B + n) * NP + p;
-        const T g1 = grad_r[as_dst], g2 = grad_r[as_src];
         if (rec[as_dst * NREC + REC_INVW] == 0) continue;  // W = 0 for both roles
+        const T g1 = grad_r[as_dst], g2 = grad_r[as_src];
+        const bool use1 = g1 != T(0), use2 = g2 != T(0);
+        if (!use1 && !use2) continue;
+        const FitGrad<T> F1(rec + as_dst * NREC, g1, r[as_dst], P.full);  // n is the target of (n, m, p)
+        const FitGrad<T> F2(rec + as_src * NREC, g2, r[as_src], P.full);  // n is the source of (m, n, p)
         for (int32_t k : P.members[p]) {
-          const T wn = P.wt(n, k), wm = P.wt(m, k), c = wn * wm;
+          const T wm = P.wt(m, k), c = P.wt(n, k) * wm;
           const Vec3<T> xn = load(P.at(n, k), D, on), xm = load(P.at(m, k), D, om);
           Vec3<T> gd, gs;
-          T gc;
-          if (g1 != T(0)) {  // n is the target i of fit (n, m, p)
-            fit_point_grad(rec + as_dst * NREC, g1, r[as_dst], c, xn, xm, D, gd, gs, gc);
-            for (int a = 0; a < D; ++a) gx[(n * K + k) * D + a] += gd[a];
-            gw[n * K + k] += gc * wm;
+          T gc, acc_c = 0;
+          T* out = gx + (n * K + k) * D;
+          if (use1) {
+            F1.point(c, xn, xm, D, gd, gs, gc);
+            for (int a = 0; a < D; ++a) out[a] += gd[a];
+            acc_c += gc;
           }
-          if (g2 != T(0)) {  // n is the source j of fit (m, n, p)
-            fit_point_grad(rec + as_src * NREC, g2, r[as_src], c, xm, xn, D, gd, gs, gc);
-            for (int a = 0; a < D; ++a) gx[(n * K + k) * D + a] += gs[a];
-            gw[n * K + k] += gc * wm;
+          if (use2) {
+            F2.point(c, xm, xn, D, gd, gs, gc);
+            for (int a = 0; a < D; ++a) out[a] += gs[a];
+            acc_c += gc;
           }
+          gw[n * K + k] += acc_c * wm;
         }
       }
     }
