@@ -261,3 +261,17 @@ def test_rotation_angle_matches_closed_form_2d():
     for backend in BACKENDS:
         R, s, _ = run(backend, kpfast.umeyama, src, dst)
         assert abs(math.atan2(R[1, 0].item(), R[0, 0].item()) - theta) < 1e-9, f"{backend} (seed {seed})"
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import kpfast.reference as ref
+
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for fn in (kpfast.umeyama, kpfast.part_alignment, ref.umeyama_reference, ref.part_alignment_reference):
+        tests = doctest.DocTestFinder().find(fn, globs=dict(vars(ref)))  # the reference module's names
+        assert tests and tests[0].examples, fn.__name__
+        for t in tests:
+            runner.run(t)
+    assert runner.failures == 0, f"{runner.failures} docstring example(s) failed"
