@@ -687,7 +687,7 @@ def _part_fwd_kernel(
             e21 += tl.sum(hz * sy, 1)
             e22 += tl.sum(hz * sz, 1)
     fit = (i * B + js) * P + p
-    tl.store(r_ptr + fit, (res * invW).to(r_ptr.dtype.element_ty), mask=j_ok)
+    tl.store(r_ptr + fit, tl.where(live, res * invW, 0.0).to(r_ptr.dtype.element_ty), mask=j_ok)
     rec = rec_ptr + fit * 30
     tl.store(rec + 0, tl.where(live, a00, 0.0), mask=j_ok)
     tl.store(rec + 1, tl.where(live, a01, 0.0), mask=j_ok)
@@ -753,24 +753,25 @@ def _part_fwd_kernel(
 def _part_tile(x_ptr, m_ptr, w_ptr, i, js, j_ok, ks, k_ok, p, K, odx, ody, odz, osx, osy, osz,
                D: tl.constexpr, HAS_W: tl.constexpr, DT: tl.constexpr):
     """Tile [BLOCK_J, BLOCK_K] of fit weights c and shifted dst (sample i) / src (samples js) points."""
-    ok = j_ok[:, None] & k_ok[None, :]
     inpart = tl.load(m_ptr + p * K + ks, mask=k_ok, other=0).to(DT)
+    # points outside the part are not loaded: a non-finite one must not reach this part's fit
+    member = k_ok & (inpart != 0.0)
+    smember = j_ok[:, None] & member[None, :]
     if HAS_W:
-        wi = tl.load(w_ptr + i * K + ks, mask=k_ok, other=0.0).to(DT)
-        wj = tl.load(w_ptr + js[:, None] * K + ks[None, :], mask=ok, other=0.0).to(DT)
-        c = (inpart * wi)[None, :] * wj
+        wi = tl.load(w_ptr + i * K + ks, mask=member, other=0.0).to(DT)
+        wj = tl.load(w_ptr + js[:, None] * K + ks[None, :], mask=smember, other=0.0).to(DT)
+        c = wi[None, :] * wj
     else:
-        c = tl.where(ok, inpart[None, :], 0.0)
-    c = tl.where(ok, c, 0.0)
+        c = tl.where(smember, 1.0, 0.0).to(DT)
     dbase = x_ptr + (i * K + ks) * D
-    dx = tl.load(dbase, mask=k_ok, other=0.0).to(DT) - odx
-    dy = tl.load(dbase + 1, mask=k_ok, other=0.0).to(DT) - ody
+    dx = tl.load(dbase, mask=member, other=0.0).to(DT) - odx
+    dy = tl.load(dbase + 1, mask=member, other=0.0).to(DT) - ody
     sbase = x_ptr + (js[:, None] * K + ks[None, :]) * D
-    sx = tl.load(sbase, mask=ok, other=0.0).to(DT) - osx[:, None]
-    sy = tl.load(sbase + 1, mask=ok, other=0.0).to(DT) - osy[:, None]
+    sx = tl.load(sbase, mask=smember, other=0.0).to(DT) - osx[:, None]
+    sy = tl.load(sbase + 1, mask=smember, other=0.0).to(DT) - osy[:, None]
     if D == 3:
-        dz = tl.load(dbase + 2, mask=k_ok, other=0.0).to(DT) - odz
-        sz = tl.load(sbase + 2, mask=ok, other=0.0).to(DT) - osz[:, None]
+        dz = tl.load(dbase + 2, mask=member, other=0.0).to(DT) - odz
+        sz = tl.load(sbase + 2, mask=smember, other=0.0).to(DT) - osz[:, None]
     else:
         dz = dx * 0.0
         sz = sx * 0.0
@@ -861,12 +862,11 @@ def _part_bwd_kernel(
         c, xnx, xny, xnz, xmx, xmy, xmz = _part_tile(x_ptr, m_ptr, w_ptr, nn, ms, m_ok, ks, k_ok, p, K,
                                                      onx, ony, onz, omx, omy, omz, D, HAS_W, DT)
         # d c / d w[n, k] = parts[p, k] * w[m, k]
-        inpart = tl.load(m_ptr + p * K + ks, mask=k_ok, other=0).to(DT)[None, :]
+        member = m_ok[:, None] & (k_ok & (tl.load(m_ptr + p * K + ks, mask=k_ok, other=0) != 0))[None, :]
         if HAS_W:
-            wm = inpart * tl.load(w_ptr + ms[:, None] * K + ks[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                                  other=0.0).to(DT)
+            wm = tl.load(w_ptr + ms[:, None] * K + ks[None, :], mask=member, other=0.0).to(DT)
         else:
-            wm = tl.where(m_ok[:, None], inpart, 0.0)
+            wm = tl.where(member, 1.0, 0.0).to(DT)
         # n is the target of fit (n, m, p)
         fit1 = (nn * B + ms) * P + p
         g1 = tl.load(g_ptr + fit1, mask=m_ok, other=0.0).to(DT)[:, None]
@@ -939,9 +939,11 @@ def umeyama_backward(gR, gs, gt, src, dst, w, scale, tol):
 def part_shifts(x, m, w):
     """Per (sample, part) weighted centroids ``[B, P, 3]`` (the coordinate shifts; 0 for an empty part)."""
     B, K, D = x.shape
-    mw = m.to(x.dtype)[None] * (w[:, None, :] if w is not None else 1.0)  # [B, P, K]
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    mw = torch.where(m.bool()[None], w[:, None, :] if w is not None else 1.0, zero)  # [B, P, K]
     tot = mw.sum(-1, keepdim=True)
-    o = torch.einsum("bpk,bkd->bpd", mw, x) / torch.where(tot > 0, tot, torch.ones_like(tot))
+    inside = torch.where(m.bool()[None, :, :, None], x[:, None], zero)
+    o = (mw.unsqueeze(-1) * inside).sum(2) / torch.where(tot > 0, tot, torch.ones_like(tot))
     if D == 2:
         o = torch.cat([o, torch.zeros_like(o[..., :1])], -1)
     return o.contiguous()

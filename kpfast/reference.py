@@ -197,7 +197,8 @@ class _OptimalRotation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sigma: torch.Tensor, tie: float):
         D = sigma.shape[-1]
-        U, S, Vh = torch.linalg.svd(sigma)
+        bad = ~torch.isfinite(sigma).all(-1).all(-1)  # LAPACK refuses them: NaN results instead
+        U, S, Vh = torch.linalg.svd(torch.where(bad[..., None, None], torch.zeros_like(sigma), sigma))
         d = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vh))
         d = torch.where(d == 0, torch.ones_like(d), d)
         flip = torch.ones_like(S)
@@ -217,6 +218,9 @@ class _OptimalRotation(torch.autograd.Function):
             gaps = torch.stack((sp[..., 1] + sp[..., 2], sp[..., 0] + sp[..., 2], sp[..., 0] + sp[..., 1]), -1)
         else:
             gaps = lam.unsqueeze(-1)
+        nan = torch.full_like(lam, float("nan"))
+        R = torch.where(bad[..., None, None], nan[..., None, None], R)
+        lam = torch.where(bad, nan, lam)
         ctx.save_for_backward(R, Vh, gaps, lam)
         ctx.tie = tie
         ctx.mark_non_differentiable(lam)
@@ -339,7 +343,9 @@ def part_alignment_reference(
         r[i, j, p] = sum_k c_k |points[i, k] - (s R points[j, k] + t)|_1 / sum_k c_k
 
     ``r[i, j, p] = 0`` when ``sum_k c_k = 0`` and on the diagonal ``i = j`` (the exact
-    self-fit; set, not computed, so that rounding gives no spurious gradient). With
+    self-fit; set, not computed, so that rounding gives no spurious gradient). Points outside
+    part ``p`` never enter its fits: a NaN coordinate makes ``r`` NaN exactly for the pairs
+    ``(i, j)`` of its sample and the parts that contain it (weight zero or not). With
     ``detach_transform`` the gradient flows only through the explicit points of the
     residual, ``(R, s, t)`` held constant (the paper's choice). Everything is
     materialized: ``B*B*P`` fits of ``K`` points each, in float64, batched through one
@@ -363,11 +369,12 @@ def part_alignment_reference(
     B, K, D = points.shape
     P = parts.shape[0]
     x = points.double()
-    m = parts.to(x.dtype)
     w = torch.ones(B, K, dtype=x.dtype, device=x.device) if weights is None else weights.double()
-    dst = x[:, None, None].expand(B, B, P, K, D)
-    src = x[None, :, None].expand(B, B, P, K, D)
-    c = m[None, None] * (w[:, None, None, :] * w[None, :, None, :])
+    inside = parts[None, None, :, :, None]  # a point outside part p never enters its fit (nor a NaN of it)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    dst = torch.where(inside, x[:, None, None], zero)  # [B, B, P, K, D]: target sample i
+    src = torch.where(inside, x[None, :, None], zero)  # source sample j
+    c = torch.where(inside[..., 0], w[:, None, None, :] * w[None, :, None, :], zero)
     R, s, t = umeyama_reference(src, dst, c, scale=scale, tol_dtype=points.dtype)
     if detach_transform:
         R, s, t = R.detach(), s.detach(), t.detach()

@@ -278,3 +278,20 @@ def test_cuda_graph_capture_and_no_host_sync():
         rr = part_alignment_reference(pts, parts.cpu(), w.cpu().double(), detach_transform=detach)
         assert_close(r.cpu().double(), rr.double(), rtol=1e-3, atol=1e-4, what="captured r", seed=seed)
         assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_nan_reaches_exactly_the_fits_of_its_parts(backend):
+    gen, seed = fresh_generator()
+    pts, _, w = make_problem(gen, B=3, K=8)
+    parts = torch.zeros(2, 8, dtype=torch.bool)
+    parts[0, :4] = True
+    parts[1, 4:] = True
+    pts[1, 2, 0] = float("nan")  # in part 0 of sample 1
+    w[2, 6] = float("nan")       # in part 1 of sample 2
+    dev = device_for(backend)
+    r = run(backend, kpfast.part_alignment, pts.to(dev), parts.to(dev), w.to(dev)).cpu()
+    nan = torch.zeros(3, 3, 2, dtype=torch.bool)
+    nan[1, [0, 2], 0] = nan[[0, 2], 1, 0] = True
+    nan[2, [0, 1], 1] = nan[[0, 1], 2, 1] = True
+    assert torch.equal(torch.isnan(r), nan), f"seed {seed}: {r}"

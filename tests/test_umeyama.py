@@ -220,7 +220,7 @@ def test_half_precision_inputs(backend):
             assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, what=str(dtype), seed=seed)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_nan_inputs_give_nan_outputs(backend):
     gen, _ = fresh_generator()
     src, dst, w = make_problem(gen, N=4, D=3)

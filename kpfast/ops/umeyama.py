@@ -320,7 +320,9 @@ def part_alignment(
     the fitted transform (implicit-function derivative of the rotation, finite at
     coinciding singular values). The L1 subgradient at a zero residual component is 0
     (as ``torch.abs``); parts that fit exactly (one or two points) have residuals at
-    rounding level, whose signs are rounding noise.
+    rounding level, whose signs are rounding noise. Points outside a part never enter its
+    fits: a NaN coordinate (or weight) makes ``r`` NaN exactly for the pairs of its sample
+    and the parts that contain that point.
 
     Invariances (``scale=True``): ``r[i, j, p]`` does not change when any similarity
     (proper rotation, positive scale, translation) is applied to sample ``j`` alone;
