@@ -8,6 +8,7 @@ import roma
 import torch
 
 import kpfast
+from kpfast.ops import _backends
 from kpfast.reference import part_alignment_reference
 
 from _util import assert_close, device_for, fresh_generator, kernel_backends, run, tolerances
@@ -295,3 +296,36 @@ def test_nan_reaches_exactly_the_fits_of_its_parts(backend):
     nan[1, [0, 2], 0] = nan[[0, 2], 1, 0] = True
     nan[2, [0, 1], 1] = nan[[0, 1], 2, 1] = True
     assert torch.equal(torch.isnan(r), nan), f"seed {seed}: {r}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shapes_spanning_several_blocks(backend, monkeypatch):
+    """More samples and points than one program's block: every loop over blocks of samples and
+    points runs more than once (the Triton blocks are shrunk so that the interpreter stays fast)."""
+    gen, seed = fresh_generator()
+    B, K, P, N, M = 17, 37, 2, 45, 21
+    if backend == "triton":
+        kernels = _backends.triton_kernels("umeyama")
+        for name, value in dict(PART_BLOCK_J=2, PART_BLOCK_K=8, PART_BWD_BLOCK_M=2, PART_BWD_BLOCK_K=8,
+                                UMEYAMA_BLOCK_N=8, UMEYAMA_BLOCK_M=4).items():
+            monkeypatch.setattr(kernels, name, value)
+        B, K, P, N, M = 3, 11, 1, 9, 6
+    pts, parts, w = make_problem(gen, B=B, K=K, P=P, dtype=torch.float32)
+    r, rr, got, want = call_and_grad(backend, pts, parts, w, False, gen)
+    assert_close(r.detach().cpu(), rr, rtol=1e-4, atol=2e-5, what="r", seed=seed)
+    for name, a, b in zip(("points", "weights"), got, want):
+        assert_close(a.cpu(), b, rtol=1e-3, atol=2e-4 * (1 + b.abs().max().item()), what=f"d/d{name}", seed=seed)
+    src = torch.randn(N, M, 3, generator=gen)
+    dst = torch.randn(N, M, 3, generator=gen)
+    dev = device_for(backend)
+    a, b = src.to(dev).requires_grad_(), dst.to(dev).requires_grad_()
+    out = run(backend, kpfast.umeyama, a, b)
+    ref_a, ref_b = src.clone().requires_grad_(), dst.clone().requires_grad_()
+    ref = kpfast.reference.umeyama_reference(ref_a, ref_b)
+    for x, y in zip(out, ref):
+        assert_close(x.detach().cpu(), y.detach(), rtol=1e-4, atol=2e-5, what="umeyama", seed=seed)
+    g = [torch.randn(o.shape, generator=gen) for o in out]
+    got = torch.autograd.grad(sum((o * gg.to(dev)).sum() for o, gg in zip(out, g)), (a, b))
+    want = torch.autograd.grad(sum((o * gg).sum() for o, gg in zip(ref, g)), (ref_a, ref_b))
+    for x, y in zip(got, want):
+        assert_close(x.cpu(), y, rtol=1e-3, atol=2e-4 * (1 + y.abs().max().item()), what="umeyama grad", seed=seed)
