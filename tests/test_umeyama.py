@@ -107,7 +107,7 @@ def test_recovers_exact_similarity_and_broadcasts_batch_dims(backend):
 def test_gradcheck_float64(backend, scale):
     gen, seed = fresh_generator()
     dev = device_for(backend)
-    for D in (2, 3):
+    for D in (2, 3) if backend == "cpp" else (3,):  # the interpreter is slow; D = 2 has parity tests there
         src, dst, w = make_problem(gen, N=3, M=5, D=D, noise=0.3)
         leaves = [v.to(dev).requires_grad_() for v in (src, dst, w)]
         with kpfast.use_backend(backend):
