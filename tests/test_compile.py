@@ -104,6 +104,35 @@ def test_soft_argmax_compiles_fullgraph_and_matches_eager(as_list):
         torch.testing.assert_close(a, b, msg=f"seed {seed}")
 
 
+def part_problem(gen, dtype=torch.float32):
+    pts = torch.randn(3, 6, 3, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    w = (torch.rand(3, 6, generator=gen, dtype=torch.float64) + 0.1).to(dtype).requires_grad_()
+    parts = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    return pts, parts, w
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_umeyama_and_part_alignment_compile_fullgraph_and_match_eager(backend):
+    gen, seed = fresh_generator()
+    pts, parts, w = part_problem(gen)
+
+    def f(pts, w):
+        r_detached = kpfast.part_alignment(pts, parts, w)
+        r_full = kpfast.part_alignment(pts, parts, w, scale=False, detach_transform=False)
+        R, s, t = kpfast.umeyama(pts[1:], pts[:1], w[1:])  # broadcasting batch dims
+        return r_detached.min(1).values.sum() + r_full.sum() + R.sum() + s.sum() + t.square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    with kpfast.use_backend("cpp"):
+        got = compiled(pts, w)
+        got_grads = torch.autograd.grad(got, (pts, w))
+        want = f(pts, w)
+        want_grads = torch.autograd.grad(want, (pts, w))
+    torch.testing.assert_close(got, want, msg=f"seed {seed}")
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, msg=f"seed {seed}")
+
+
 @pytest.mark.slow
 def test_soft_argmax_compiles_with_inductor():
     gen, seed = fresh_generator()
@@ -143,3 +172,21 @@ def test_soft_argmax_opcheck():
             (gk, gv, heat.detach(), [readouts.detach()], True, beta.detach(), 0.0, kp.detach(), values.detach(),
              stats.detach(), *need, "cpp"),
         )
+
+
+def test_umeyama_and_part_alignment_opcheck():
+    gen, _ = fresh_generator()
+    pts, parts, w = part_problem(gen)
+    pts64, w64 = pts.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    for args in [
+        (pts, parts, w, True, False, "cpp"),
+        (pts64, parts, None, False, True, "cpp"),
+        (pts64[..., :2].detach().requires_grad_(), parts, w64, True, True, "cpp"),
+    ]:
+        torch.library.opcheck(torch.ops.kpfast.part_alignment.default, args)
+    src, dst = pts[:2], pts[1:]
+    for args in [
+        (src, dst, w[:2], True, "cpp"),
+        (pts64[:2, :, :2].detach().requires_grad_(), pts64[1:, :, :2].detach(), None, False, "cpp"),
+    ]:
+        torch.library.opcheck(torch.ops.kpfast.umeyama.default, args)
