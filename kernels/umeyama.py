@@ -189,7 +189,7 @@ def _solve(W, sdx, sdy, sdz, ssx, ssy, ssz, c00, c01, c02, c10, c11, c12, c20, c
     msq_d = var_d + (mdx + odx) * (mdx + odx) + (mdy + ody) * (mdy + ody) + (mdz + odz) * (mdz + odz)
     zero = W * 0.0
     if D == 3:
-        (r00, r01, r02, r10, r11, r12, r20, r21, r22, lam1, tied,
+        (r00, r01, r02, r10, r11, r12, r20, r21, r22, lam1, _tied,
          m0x, m0y, m0z, m1x, m1y, m1z, m2x, m2y, m2z, f0, f1, f2) = _rotation3(
             g00, g01, g02, g10, g11, g12, g20, g21, g22, tie, NSWEEPS)
     else:
@@ -207,7 +207,6 @@ def _solve(W, sdx, sdy, sdz, ssx, ssy, ssz, c00, c01, c02, c10, c11, c12, c20, c
         r20 = zero
         r21 = zero
         r22 = zero + 1.0
-        tied = zero != zero
         m0x = zero
         m0y = zero
         m0z = zero + 1.0

@@ -10,7 +10,6 @@ image sits at ``x = -1 + 2 j / (W - 1)``.
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 
@@ -425,7 +424,6 @@ def part_alignment_reference(
         tensor(True)
     """
     B, K, D = points.shape
-    P = parts.shape[0]
     x = points.double()
     w = torch.ones(B, K, dtype=x.dtype, device=x.device) if weights is None else weights.double()
     inside = parts[None, None, :, :, None]  # a point outside part p never enters its fit (nor a NaN of it)

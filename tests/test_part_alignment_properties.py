@@ -15,14 +15,13 @@ from __future__ import annotations
 import itertools
 
 import hypothesis.strategies as st
-import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume
 
 import kpfast
 from kpfast.reference import part_alignment_reference
 
-from _util import device_for, kernel_backends, run
+from _util import device_for, kernel_backends, run, property_test as _property_test
 
 BACKENDS = kernel_backends()
 EXAMPLES = {"cpp": 40, "triton": 2}  # the interpreter takes ~1 s a call
@@ -73,16 +72,7 @@ def alignment(backend, pts, parts, w, scale=True):
     return r.cpu()
 
 
-def property_test(fn):
-    @pytest.mark.parametrize("backend", BACKENDS)
-    def test(backend):
-        given(problems())(settings(max_examples=EXAMPLES[backend], deadline=None,
-                                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])(
-            lambda p: fn(backend, p)))()
-
-    test.__name__ = fn.__name__
-    test.__doc__ = fn.__doc__
-    return test
+property_test = _property_test(problems(), EXAMPLES)
 
 
 def close(a, b, what, seed):
