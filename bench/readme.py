@@ -9,6 +9,7 @@ The README's numbers come only from committed result files, never by hand.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,8 +51,18 @@ def section(path: Path) -> str:
     return "\n".join(lines)
 
 
-def block() -> str:
+def result_files(committed_only: bool) -> list[Path]:
+    """Non-quick result JSONs; with ``committed_only``, those git tracks (untracked runs don't count)."""
     files = sorted(p for p in (HERE / "results").glob("*.json") if "-quick" not in p.name)
+    if committed_only:
+        tracked = subprocess.run(["git", "ls-files", "results"], cwd=HERE, capture_output=True, text=True)
+        if tracked.returncode == 0:
+            names = set(tracked.stdout.split())
+            files = [p for p in files if f"results/{p.name}" in names]
+    return files
+
+
+def block(files: list[Path]) -> str:
     body = "\n\n".join(section(p) for p in files) if files else "No committed results yet."
     return f"{START}\n{body}\n{END}"
 
@@ -61,8 +72,9 @@ def main(argv=None) -> int:
     text = README.read_text()
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    new = head + block() + tail
-    if "--check" in argv:
+    check = "--check" in argv
+    new = head + block(result_files(committed_only=check)) + tail
+    if check:
         if new != text:
             print("README.md's benchmark block is stale: run python bench/readme.py")
             return 1

@@ -34,7 +34,8 @@ import torch  # noqa: E402
 
 from common import DIRECTIONS, Case, human_bytes, measure  # noqa: E402
 
-OP_MODULES = [p.stem for p in sorted(HERE.glob("*.py")) if p.stem not in ("common", "run", "__init__")]
+# benchmark modules: every bench/*.py that defines cases(device, quick)
+OP_MODULES = [p.stem for p in sorted(HERE.glob("*.py")) if "\ndef cases(" in p.read_text()]
 
 
 def environment(device: torch.device) -> dict:

@@ -290,30 +290,29 @@ def edge_map_backward(grad_out, winner, kp, edges, unc, w, s2, precision, eps):
 
 
 def _compile_cases():
+    """Every flag combination in float32; float64 and bfloat16 (other load/compute types) with all inputs."""
+    combos = [(tl.float32, "*fp32", u, w, p) for u in (False, True) for w in (False, True) for p in (False, True)]
+    combos += [(dt, ptr, True, True, p) for dt, ptr in ((tl.float64, "*fp64"), (tl.float32, "*bf16")) for p in (False, True)]
+    flags = {k: "constexpr" for k in ("HAS_U", "HAS_W", "PRECISION", "BLOCK_H", "BLOCK_W", "DT")}
     cases = []
-    for dt, ptr in ((tl.float32, "*fp32"), (tl.float64, "*fp64"), (tl.float32, "*bf16")):
-        for has_u in (False, True):
-            for has_w in (False, True):
-                for precision in (False, True):
-                    common = dict(HAS_U=has_u, HAS_W=has_w, PRECISION=precision, DT=dt)
-                    acc = "*fp64" if dt == tl.float64 else "*fp32"
-                    label = f"{ptr[1:]} u={int(has_u)} w={int(has_w)} precision={int(precision)}"
-                    fwd_sig = {
-                        "kp_ptr": ptr, "edges_ptr": "*i32", "unc_ptr": ptr, "w_ptr": ptr, "s2_ptr": acc,
-                        "out_ptr": ptr, "win_ptr": "*i32", "K": "i32", "E": "i32", "H": "i32", "W": "i32",
-                        "w_bstride": "i32", "eps": "fp32", "tol_scale": "fp32",
-                        **{k: "constexpr" for k in ("HAS_U", "HAS_W", "PRECISION", "BLOCK_H", "BLOCK_W", "DT")},
-                    }
-                    cases.append((f"edge_map fwd {label}", _edge_map_fwd_kernel, fwd_sig,
-                                  dict(common, BLOCK_H=FWD_BLOCK[0], BLOCK_W=FWD_BLOCK[1])))
-                    bwd_sig = {
-                        "grad_ptr": ptr, "win_ptr": "*i32", "kp_ptr": ptr, "edges_ptr": "*i32", "unc_ptr": ptr,
-                        "w_ptr": ptr, "s2_ptr": acc, "part_ptr": acc, "K": "i32", "E": "i32", "H": "i32",
-                        "W": "i32", "w_bstride": "i32", "eps": "fp32",
-                        **{k: "constexpr" for k in ("HAS_U", "HAS_W", "PRECISION", "BLOCK_H", "BLOCK_W", "DT")},
-                    }
-                    cases.append((f"edge_map bwd {label}", _edge_map_bwd_kernel, bwd_sig,
-                                  dict(common, BLOCK_H=BWD_BLOCK[0], BLOCK_W=BWD_BLOCK[1])))
+    for dt, ptr, has_u, has_w, precision in combos:
+        common = dict(HAS_U=has_u, HAS_W=has_w, PRECISION=precision, DT=dt)
+        acc = "*fp64" if dt == tl.float64 else "*fp32"
+        label = f"{ptr[1:]} u={int(has_u)} w={int(has_w)} precision={int(precision)}"
+        fwd_sig = {
+            "kp_ptr": ptr, "edges_ptr": "*i32", "unc_ptr": ptr, "w_ptr": ptr, "s2_ptr": acc,
+            "out_ptr": ptr, "win_ptr": "*i32", "K": "i32", "E": "i32", "H": "i32", "W": "i32",
+            "w_bstride": "i32", "eps": "fp32", "tol_scale": "fp32", **flags,
+        }
+        cases.append((f"edge_map fwd {label}", _edge_map_fwd_kernel, fwd_sig,
+                      dict(common, BLOCK_H=FWD_BLOCK[0], BLOCK_W=FWD_BLOCK[1])))
+        bwd_sig = {
+            "grad_ptr": ptr, "win_ptr": "*i32", "kp_ptr": ptr, "edges_ptr": "*i32", "unc_ptr": ptr,
+            "w_ptr": ptr, "s2_ptr": acc, "part_ptr": acc, "K": "i32", "E": "i32", "H": "i32",
+            "W": "i32", "w_bstride": "i32", "eps": "fp32", **flags,
+        }
+        cases.append((f"edge_map bwd {label}", _edge_map_bwd_kernel, bwd_sig,
+                      dict(common, BLOCK_H=BWD_BLOCK[0], BLOCK_W=BWD_BLOCK[1])))
     return cases
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-KERNEL_MODULES = ("edge_map",)
+KERNEL_MODULES = ("edge_map", "soft_argmax", "umeyama")
 
 
 def cases():

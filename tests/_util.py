@@ -43,3 +43,23 @@ def assert_close(actual, expected, *, rtol, atol, what: str, seed: int):
 
 def tolerances(dtype: torch.dtype) -> dict:
     return dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+
+
+def property_test(strategy, examples: dict[str, int]):
+    """Decorator: turn ``fn(backend, example)`` into a test parametrized over the kernel backends,
+    each running hypothesis on ``strategy`` with that backend's example budget."""
+    import pytest
+    from hypothesis import HealthCheck, given, settings
+
+    def decorate(fn):
+        @pytest.mark.parametrize("backend", kernel_backends())
+        def test(backend):
+            config = settings(max_examples=examples[backend], deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+            given(strategy)(config(lambda example: fn(backend, example)))()
+
+        test.__name__ = fn.__name__
+        test.__doc__ = fn.__doc__
+        return test
+
+    return decorate

@@ -73,3 +73,120 @@ def test_triton_kernels_compile_for_sm90():
     proc = subprocess.run([sys.executable, "-m", "kpfast.kernels.gpu_compile", "90"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout and proc.stdout.count("ok ") >= 1, proc.stdout
+
+
+def soft_argmax_problem(gen, dtype=torch.float32):
+    heat = (torch.randn(2, 3, 5, 7, generator=gen) * 2).to(dtype).requires_grad_()
+    readouts = torch.randn(2, 3, 2, 5, 7, generator=gen).to(dtype).requires_grad_()
+    beta = torch.tensor(1.3, dtype=dtype, requires_grad=True)
+    return heat, readouts, beta
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_soft_argmax_compiles_fullgraph_and_matches_eager(as_list):
+    gen, seed = fresh_generator()
+    heat, readouts, beta = soft_argmax_problem(gen)
+
+    def f(heat, readouts, beta):
+        r = list(readouts.unbind(2)) if as_list else readouts
+        kp, values = kpfast.soft_argmax(heat, r, beta=beta)
+        kp2, _ = kpfast.soft_argmax(heat * 2, beta=0.5)
+        return kp.square().sum() + values.sum() + kp2.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with kpfast.use_backend("cpp"):
+        got = compiled(heat, readouts, beta)
+        got_grads = torch.autograd.grad(got, (heat, readouts, beta))
+        want = f(heat, readouts, beta)
+        want_grads = torch.autograd.grad(want, (heat, readouts, beta))
+    torch.testing.assert_close(got, want, msg=f"seed {seed}")
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, msg=f"seed {seed}")
+
+
+def part_problem(gen, dtype=torch.float32):
+    pts = torch.randn(3, 6, 3, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    w = (torch.rand(3, 6, generator=gen, dtype=torch.float64) + 0.1).to(dtype).requires_grad_()
+    parts = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    return pts, parts, w
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_umeyama_and_part_alignment_compile_fullgraph_and_match_eager(backend):
+    gen, seed = fresh_generator()
+    pts, parts, w = part_problem(gen)
+
+    def f(pts, w):
+        r_detached = kpfast.part_alignment(pts, parts, w)
+        r_full = kpfast.part_alignment(pts, parts, w, scale=False, detach_transform=False)
+        R, s, t = kpfast.umeyama(pts[1:], pts[:1], w[1:])  # broadcasting batch dims
+        return r_detached.min(1).values.sum() + r_full.sum() + R.sum() + s.sum() + t.square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    with kpfast.use_backend("cpp"):
+        got = compiled(pts, w)
+        got_grads = torch.autograd.grad(got, (pts, w))
+        want = f(pts, w)
+        want_grads = torch.autograd.grad(want, (pts, w))
+    torch.testing.assert_close(got, want, msg=f"seed {seed}")
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, msg=f"seed {seed}")
+
+
+@pytest.mark.slow
+def test_soft_argmax_compiles_with_inductor():
+    gen, seed = fresh_generator()
+    heat, readouts, beta = soft_argmax_problem(gen)
+
+    def f(heat, readouts, beta):
+        kp, values = kpfast.soft_argmax(heat.sigmoid(), readouts, beta=beta)
+        return (kp * 2 + 1).sum() + values.exp().sum()
+
+    with kpfast.use_backend("cpp"):
+        got = torch.compile(f, fullgraph=True)(heat, readouts, beta)
+        got_grads = torch.autograd.grad(got, (heat, readouts, beta))
+        want = f(heat, readouts, beta)
+        want_grads = torch.autograd.grad(want, (heat, readouts, beta))
+    torch.testing.assert_close(got, want, msg=f"seed {seed}")
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, msg=f"seed {seed}")
+
+
+def test_soft_argmax_opcheck():
+    gen, _ = fresh_generator()
+    heat, readouts, beta = soft_argmax_problem(gen)
+    h64, r64 = heat.detach().double().requires_grad_(), readouts.detach().double().requires_grad_()
+    for args in [
+        (heat, [readouts], True, beta, 0.0, "cpp"),
+        (heat, list(readouts.unbind(2)), False, None, 0.7, "cpp"),
+        (heat, [], False, None, 1.0, "cpp"),
+        (h64, [r64[:, :, 0]], False, beta.detach().double().requires_grad_(), 0.0, "cpp"),
+    ]:
+        torch.library.opcheck(torch.ops.kpfast.soft_argmax.default, args)
+    with kpfast.use_backend("cpp"):
+        kp, values, stats = torch.ops.kpfast.soft_argmax(heat, [readouts], True, beta, 0.0, "cpp")
+    gk, gv = torch.randn(kp.shape, generator=gen), torch.randn(values.shape, generator=gen)
+    for need in [(True, True, True), (False, True, False), (True, False, True)]:
+        torch.library.opcheck(
+            torch.ops.kpfast.soft_argmax_backward.default,
+            (gk, gv, heat.detach(), [readouts.detach()], True, beta.detach(), 0.0, kp.detach(), values.detach(),
+             stats.detach(), *need, "cpp"),
+        )
+
+
+def test_umeyama_and_part_alignment_opcheck():
+    gen, _ = fresh_generator()
+    pts, parts, w = part_problem(gen)
+    pts64, w64 = pts.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    for args in [
+        (pts, parts, w, True, False, "cpp"),
+        (pts64, parts, None, False, True, "cpp"),
+        (pts64[..., :2].detach().requires_grad_(), parts, w64, True, True, "cpp"),
+    ]:
+        torch.library.opcheck(torch.ops.kpfast.part_alignment.default, args)
+    src, dst = pts[:2], pts[1:]
+    for args in [
+        (src, dst, w[:2], True, "cpp"),
+        (pts64[:2, :, :2].detach().requires_grad_(), pts64[1:, :, :2].detach(), None, False, "cpp"),
+    ]:
+        torch.library.opcheck(torch.ops.kpfast.umeyama.default, args)

@@ -1,7 +1,6 @@
 """Procedural benchmark: labels, determinism, caching."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import torch
 from kpfast.data import open_dataset
 from kpfast.data.procedural import generate as gen
 from kpfast.data.procedural.raycast import pack_scenes, render
-from kpfast.data.procedural.scene import (Background, Light, Material, Scene, box, ellipsoid, sample_background,
+from kpfast.data.procedural.scene import (Material, Scene, box, ellipsoid, sample_background,
                                           sample_light)
 
 CATS = ["face", "animal", "car"]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hypothesis.strategies as st
-import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume
 
 import kpfast
 from kpfast.reference import EDGE_EPS, edge_map_reference, pixel_centers
 
-from _util import device_for, kernel_backends, run
+from _util import device_for, kernel_backends, run, property_test as _property_test
 
 BACKENDS = kernel_backends()
 EXAMPLES = {"cpp": 60, "triton": 8}
@@ -40,17 +39,7 @@ def render(backend, p, **change):
     return out.cpu()
 
 
-def property_test(fn):
-    """Run `fn(backend, problem)` for every backend with that backend's example budget."""
-
-    @pytest.mark.parametrize("backend", BACKENDS)
-    def test(backend):
-        given(problems())(settings(max_examples=EXAMPLES[backend], deadline=None,
-                                   suppress_health_check=[HealthCheck.too_slow])(lambda p: fn(backend, p)))()
-
-    test.__name__ = fn.__name__
-    test.__doc__ = fn.__doc__
-    return test
+property_test = _property_test(problems(), EXAMPLES)
 
 
 @property_test

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -16,7 +15,8 @@ def test_readme_has_python_examples():
     assert len(BLOCKS) >= 2
 
 
-def test_readme_python_examples_run():
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("KPFAST_CACHE", str(tmp_path))  # the data example generates into a fresh cache
     namespace: dict = {}
     for block in BLOCKS:
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code

@@ -92,8 +92,8 @@ def imagenet_backbone(pretrained: bool = True, weights: Optional[Union[str, os.P
             says what to install.
 
     Example:
-        >>> net = imagenet_backbone()                        # doctest: +SKIP
-        >>> [f.shape[1] for f in net(torch.rand(1, 3, 128, 128))]  # doctest: +SKIP
+        >>> net = imagenet_backbone()
+        >>> [f.shape[1] for f in net(torch.rand(1, 3, 128, 128))]
         [16, 24, 40, 112, 320]
     """
     try:

@@ -6,7 +6,7 @@ The paper labels the images nearest the k-means centres of deep features (WFLW
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 import torch
 

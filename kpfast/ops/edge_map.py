@@ -18,7 +18,10 @@ NGRAD = 8  # per-edge gradient slots: a_x, a_y, b_x, b_y, v_i, v_j, w, sigma2
 
 
 def _check_values(edges: Tensor, K: int, sigma2: Tensor) -> None:
-    """Value checks that need the data (run right before a launch; a sync on CUDA)."""
+    """Value checks that need the data (right before a launch; one host sync on CUDA,
+    skipped while a CUDA graph is being captured, where a sync is not allowed)."""
+    if edges.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
     if edges.numel() and (int(edges.min()) < 0 or int(edges.max()) >= K):
         bad = edges[(edges < 0) | (edges >= K)][0].item()
         raise ValueError(f"edges: index {bad} is outside [0, K) with K = {K}")

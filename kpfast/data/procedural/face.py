@@ -16,7 +16,7 @@ import numpy as np
 
 from ..skeletons import face68_meta
 from .scene import (Material, Scene, ellipsoid, place_object, rot_x, rot_y, rot_z, sample_background,
-                    sample_light, sample_occluders, unit)
+                    sample_light, sample_occluders)
 
 META = face68_meta("procedural-face")
 OBJECT_RADIUS = 1.15

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .scene import BOX, ELLIPSOID, N_WAVES, Primitive, Scene
+from .scene import ELLIPSOID, N_WAVES, Primitive
 
 # packed per-primitive parameter layout (columns of a [N, D] float32 tensor)
 _ACTIVE = 0
