@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..models._pending_ops import part_alignment
+from ..ops import part_alignment
 
 
 def choose_partners(residuals: Tensor, *, random: bool, generator: Optional[torch.Generator] = None) -> Tensor:

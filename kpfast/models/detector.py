@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._pending_ops import soft_argmax
+from ..ops import soft_argmax
 from .blocks import ResidualBlock, conv_norm_relu
 
 
