@@ -50,7 +50,7 @@ class MetricAccumulator:
         >>> acc.add(gt + torch.tensor([0.1, 0.0]), gt, torch.ones(1, 2, dtype=torch.bool),
         ...         torch.ones(1, 2, dtype=torch.bool), torch.tensor([[-1.0, -1.0, 1.0, 1.0]]))
         >>> r = acc.result()
-        >>> round(r["nme"], 6), r["pck@0.1"]
+        >>> round(r["nme"], 4), r["pck@0.1"]
         (10.0, 100.0)
     """
 

@@ -128,7 +128,7 @@ def test_a_non_finite_loss_stops_the_run_naming_term_and_step(cache, tmp_path, m
 ])
 def test_methods_and_ablations_train_the_right_terms(cache, tmp_path, method, without):
     metrics = kpfast.train(tiny(cache, tmp_path, iterations=2, method=method, without=without))
-    terms = set(_rows(tmp_path)[0]) - {"step", "total", "strength"}
+    terms = set(_rows(tmp_path)[0]) - {"step", "total", "strength", "lr"}
     expected = {"supervised": {"few_shot"}, "autolink-few": {"few_shot", "recon"},
                 "full": {"few_shot", "recon", "geo2d", "geo3d", "smooth"} - set(without)}[method]
     assert terms == expected

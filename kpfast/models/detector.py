@@ -8,8 +8,7 @@ and the raw depth readout; the depth used by the 3D loss is
 ``tanh(readout / depth_scale)`` (a re-implementation's choice that the authors
 confirmed: depth divided by a large number).
 
-Architecture ((AL)/(RI) in PAPER.md): a stem convolution, ``len(widths)``
-stride-2 residual blocks (128 px -> 8x8 with the default four), ``len(up_widths)``
+Architecture ((AL)/(RI) in PAPER.md): ``len(widths)`` stride-2 residual blocks (128 px -> 8x8 with the default four), ``len(up_widths)``
 x2 bilinear upsampling blocks (8x8 -> 32x32 with the default two) and a 1x1
 convolution to 3K channels. The heatmaps are ``S * 2**(len(up_widths) - len(widths))``
 pixels wide.
@@ -18,7 +17,7 @@ pixels wide.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +58,8 @@ class KeypointDetector(nn.Module):
         num_keypoints: ``K``.
         widths: channels of the stride-2 residual blocks (each halves the resolution).
         up_widths: channels of the x2 upsampling blocks.
-        stem_width: channels of the full-resolution stem (default ``widths[0] // 2``).
+        stem_width: channels of an optional full-resolution 3x3 stem before the residual
+            blocks (0, the default: none, as in (AL)/(RI)).
         norm: ``"batch"``, ``"group"`` or ``"none"``.
         depth_scale: the depth readout is squashed as ``tanh(readout / depth_scale)``.
         beta: soft-argmax inverse temperature.
@@ -72,7 +72,7 @@ class KeypointDetector(nn.Module):
     """
 
     def __init__(self, num_keypoints: int, *, widths: Sequence[int] = (64, 128, 256, 512),
-                 up_widths: Sequence[int] = (256, 256), stem_width: Optional[int] = None, norm: str = "batch",
+                 up_widths: Sequence[int] = (256, 256), stem_width: int = 0, norm: str = "batch",
                  depth_scale: float = 20.0, beta: float = 1.0):
         super().__init__()
         if num_keypoints < 1:
@@ -82,9 +82,8 @@ class KeypointDetector(nn.Module):
         self.num_keypoints = num_keypoints
         self.depth_scale = float(depth_scale)
         self.beta = float(beta)
-        stem_width = stem_width or max(widths[0] // 2, 8)
-        self.stem = conv_norm_relu(3, stem_width, norm)
-        down, c = [], stem_width
+        self.stem = conv_norm_relu(3, stem_width, norm) if stem_width else nn.Identity()
+        down, c = [], stem_width or 3
         for w in widths:
             down.append(ResidualBlock(c, w, stride=2, norm=norm))
             c = w

@@ -17,12 +17,14 @@ of the k-means selection; any method).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 METHODS = ("full", "supervised", "autolink-few")
 ABLATIONS = ("recon", "geo2d", "geo3d", "uncertainty", "kmeans")
 OPS = ("fused", "reference")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -39,7 +41,9 @@ class TrainConfig:
     ``"reference"``), ``perceptual`` (``"imagenet"``, ``"none"`` or a local checkpoint).
 
     Optimization: ``iterations``, ``batch_unlabeled`` (per process), ``batch_labeled``
-    (None = ``min(16, shots)``), ``lr``, ``betas``, loss weights ``w_*``,
+    (None = ``min(16, shots)``), ``lr``, ``lr_schedule`` (``"constant"``, the paper's,
+    or ``"cosine"``: cosine decay from ``lr`` to 0 over ``iterations``, for short
+    runs), ``betas``, loss weights ``w_*``,
     ``whole_object_weight`` (the whole object's weight in the 3D loss, user parts
     weigh 1), ``random_partner_iterations``, ``ramp_iterations`` (2D transform ramp
     length; None = ``iterations``), ``mask_ratio``, ``depth_scale``.
@@ -72,6 +76,7 @@ class TrainConfig:
     batch_unlabeled: int = 16
     batch_labeled: Optional[int] = None
     lr: float = 1e-4
+    lr_schedule: str = "constant"
     betas: tuple = (0.9, 0.99)
     w_few_shot: float = 1.0
     w_recon: float = 1.0
@@ -106,6 +111,18 @@ class TrainConfig:
     def labeled_batch(self) -> int:
         """Labelled images per step: ``batch_labeled`` or ``min(16, shots)``."""
         return self.batch_labeled if self.batch_labeled is not None else min(16, self.shots)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of (0-based) ``step`` under ``lr_schedule``.
+
+        Example:
+            >>> cfg = TrainConfig(lr=1e-3, lr_schedule="cosine", iterations=100)
+            >>> cfg.lr_at(0), round(cfg.lr_at(50), 6), cfg.lr_at(100)
+            (0.001, 0.0005, 0.0)
+        """
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * min(step, self.iterations) / self.iterations))
+        return self.lr
 
     @property
     def ramp_length(self) -> int:
@@ -169,6 +186,8 @@ class TrainConfig:
             bad("detector_up_widths cannot have more blocks than detector_widths (heatmaps larger than the image)")
         if not 0 <= self.mask_ratio <= 1:
             bad(f"mask_ratio must be in [0, 1], got {self.mask_ratio}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.norm not in ("batch", "group", "none"):
             bad(f"norm must be 'batch', 'group' or 'none', got {self.norm!r}")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.image_every < 0:

@@ -199,12 +199,15 @@ class Trainer:
         terms, _ = self.compute_losses(batch, step)
         self.check_finite(terms, step)
         total = self.objective.total(terms)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr_at(step)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
         scalars = {k: float(v.detach()) for k, v in terms.items()}
         scalars["total"] = float(total.detach())
         scalars["strength"] = self.objective.strength(step) if self.objective.active["geo2d"] else 0.0
+        scalars["lr"] = self.cfg.lr_at(step)
         return scalars
 
     # -- the run ---------------------------------------------------------------

@@ -16,7 +16,7 @@ images:
 - ``recon`` (Eq. 9): 90 % of the 8x8 patch grid masked, edge map (with the
   uncertainty readout unless ``--without uncertainty``) + masked image -> UNet;
   L1 + perceptual;
-- ``smooth``: the face jaw/nose penalty (only when the meta has such parts).
+- ``smooth``: the face jaw/nose penalty (faces only: metas with a ``contour``/``jaw`` part).
 
 Random draws (transforms, masks, partners) come from the run's generator, in a
 fixed order, so a resumed run draws exactly what the uninterrupted one would.
@@ -54,8 +54,10 @@ class Objective:
         self.weights = {"few_shot": cfg.w_few_shot, "recon": cfg.w_recon, "geo2d": cfg.w_geo2d,
                         "geo3d": cfg.w_geo3d, "smooth": cfg.w_smooth}
         self.active = {"few_shot": True, **{t: cfg.uses(t) for t in ("recon", "geo2d", "geo3d")}}
+        # faces only: a face meta names its jaw line "contour" (or "jaw")
+        is_face = any(k in meta.parts for k in ("contour", "jaw"))
         self.triples = smoothness_triples(meta.edges, [v for k, v in meta.parts.items() if k in SMOOTH_PARTS])
-        self.active["smooth"] = cfg.uses("smooth") and len(self.triples) > 0
+        self.active["smooth"] = cfg.uses("smooth") and is_face and len(self.triples) > 0
         self.parts = meta.part_mask(include_whole=True)
         self.part_weights = torch.tensor([1.0] * len(meta.parts) + [cfg.whole_object_weight if meta.parts else 1.0])
         self.patch = patch_size_for(cfg.image_size)

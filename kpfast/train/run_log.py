@@ -68,7 +68,7 @@ class RunLog:
         if self.bar is not None:
             self.bar.update(1)
             if step % self.every == 0 or step == 1:
-                shown = {k: f"{v:.3g}" for k, v in self.running.items() if k != "strength"}
+                shown = {k: f"{v:.3g}" for k, v in self.running.items() if k not in ("strength", "lr")}
                 self.bar.set_postfix(shown, refresh=False)
         if step % self.every == 0 and self.out is not None:
             row = {"step": step, **{k: f"{v:.6g}" for k, v in scalars.items()}}
