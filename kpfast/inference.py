@@ -1,10 +1,12 @@
 """Inference: :func:`load` a trained model and predict keypoints on new images.
 
-Example:
-    >>> import kpfast                                         # doctest: +SKIP
-    >>> predictor = kpfast.load("runs/demo")                  # doctest: +SKIP
-    >>> out = predictor.predict(PIL.Image.open("face.jpg"))   # doctest: +SKIP
-    >>> out.keypoints[0]          # [K, 2] (x, y) in the input image's pixels  # doctest: +SKIP
+Example (after ``python -m kpfast.train --preset demo --out runs/demo``; the
+README's training example runs the same calls on a tiny model)::
+
+    import kpfast
+    predictor = kpfast.load("runs/demo")
+    out = predictor.predict(PIL.Image.open("face.jpg"))
+    out.keypoints[0]          # [K, 2] (x, y) in the input image's pixels
 """
 
 from __future__ import annotations
@@ -153,10 +155,10 @@ class KeypointPredictor:
 def load(checkpoint: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu") -> KeypointPredictor:
     """A :class:`KeypointPredictor` from a run directory, ``model.pt`` or ``checkpoint.pt``.
 
-    Example:
-        >>> predictor = load("runs/demo")                 # doctest: +SKIP
-        >>> predictor.predict(torch.rand(2, 3, 200, 150)).keypoints.shape   # doctest: +SKIP
-        torch.Size([2, 68, 2])
+    Example::
+
+        predictor = load("runs/demo")
+        predictor.predict(torch.rand(2, 3, 200, 150)).keypoints.shape   # torch.Size([2, 68, 2])
     """
     from .models import KeypointDetector
     from .train.checkpoint import load_checkpoint

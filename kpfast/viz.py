@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from PIL import Image
 from torch import Tensor
 
@@ -21,6 +20,7 @@ def certainty_colors(certainty: Tensor) -> list[tuple[int, int, int]]:
     """RGB per keypoint from ``certainty [K]`` in [0, 1]: red (0) -> yellow -> green (1).
 
     Example:
+        >>> import torch
         >>> certainty_colors(torch.tensor([0.0, 1.0]))
         [(255, 0, 0), (0, 255, 0)]
     """

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 METHODS = ("full", "supervised", "autolink-few")
@@ -234,8 +234,8 @@ PRESETS: dict[str, dict] = {
     # the paper's settings (Supplement A): 128 px, Adam 1e-4 (0.9, 0.99), 16 + min(16, n), 20k iterations
     "paper": dict(),
     # the README's main job: 10-shot on the procedural face, < 10 min on 2 CPU cores, data and evaluation included
-    "demo": dict(image_size=64, train_size=2000, test_size=300, iterations=600, lr=1e-3,
-                 batch_unlabeled=16, detector_widths=(32, 64, 128), detector_up_widths=(64,),
+    "demo": dict(image_size=64, train_size=2000, test_size=300, iterations=1100, lr=3e-3,
+                 batch_unlabeled=8, ramp_iterations=550, detector_widths=(32, 64, 128), detector_up_widths=(64,),
                  unet_widths=(8, 16, 32, 64), random_partner_iterations=100, checkpoint_every=250, log_every=10),
     # a few seconds: tests and smoke runs
     "tiny": dict(image_size=32, train_size=64, test_size=16, iterations=4, batch_unlabeled=4, shots=4,

@@ -332,10 +332,11 @@ def train(config: Union[TrainConfig, dict, str, None] = None, **overrides: Any) 
         ``per_keypoint``), shots, dataset, method, ops, perceptual backbone,
         wall time, config.
 
-    Example:
-        >>> import kpfast
-        >>> metrics = kpfast.train("demo", out="runs/demo")   # doctest: +SKIP
-        >>> metrics["test"]["nme"]                            # doctest: +SKIP
+    Example (minutes on CPU; the README's training example runs the ``"tiny"`` preset)::
+
+        import kpfast
+        metrics = kpfast.train("demo", out="runs/demo")
+        metrics["test"]["nme"]
     """
     if isinstance(config, str):
         cfg = TrainConfig.from_preset(config, **overrides)

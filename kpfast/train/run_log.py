@@ -47,7 +47,8 @@ class RunLog:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step if start_step > 0 else None)
-            except ImportError:  # tensorboard is optional
+            except ImportError as e:  # a broken tensorboard install should not stop training
+                print(f"kpfast train: no TensorBoard events ({e}); log.csv has the same scalars", flush=True)
                 self.tb = None
 
     def _write_rows(self, rows: list[dict], mode: str = "a") -> None:
