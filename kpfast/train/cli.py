@@ -1,0 +1,154 @@
+"""Command line of ``python -m kpfast.train`` (and ``torchrun ... -m kpfast.train``).
+
+Examples::
+
+    python -m kpfast.train --preset demo --out runs/demo
+    python -m kpfast.train --preset demo --method supervised --out runs/demo-supervised
+    python -m kpfast.train --preset paper --dataset wflw:/data/WFLW --shots 10 --out runs/wflw10
+    python -m kpfast.train --preset paper --without geo3d --without kmeans --out runs/ablation
+    python -m kpfast.train --preset demo --out runs/demo --resume        # continue an interrupted run
+    python -m kpfast.train --preset demo --set lr=3e-4 --set unet_widths=16,32,64 --out runs/x
+
+Exit status: 0 on success, 1 when a loss became non-finite (the message names the
+term and the step), 2 on a bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from .config import ABLATIONS, METHODS, OPS, PRESETS, TrainConfig
+
+# options that map one to one onto TrainConfig fields
+FIELD_OPTIONS = {
+    "dataset": "built-in category (face, animal, car) or path to real data (FORMAT:PATH to name the format)",
+    "shots": "number of labelled images",
+    "method": f"one of {', '.join(METHODS)}",
+    "ops": "fused kernels or the plain-PyTorch reference",
+    "iterations": "training steps",
+    "image_size": "side of the square images",
+    "train_size": "training images (procedural split size / cap on real data)",
+    "test_size": "test images",
+    "batch_unlabeled": "unlabelled images per step and process",
+    "batch_labeled": "labelled images per step (default min(16, shots))",
+    "lr": "Adam learning rate",
+    "perceptual": "perceptual backbone: imagenet, none, or a local checkpoint path",
+    "few_shot_features": "features for the k-means few-shot selection: auto, imagenet, handcrafted or a path",
+    "seed": "random seed",
+    "device": "auto, cpu, cuda or cuda:N",
+    "cache_dir": "where generated datasets are cached",
+    "checkpoint_every": "steps between checkpoints",
+    "log_every": "steps between CSV/TensorBoard rows",
+    "image_every": "steps between PNG snapshots (0: only at the end)",
+}
+
+
+def _field_types() -> dict:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _parse_value(name: str, text: str):
+    """Turn ``--set name=text`` into the field's type."""
+    t = _field_types()[name]
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Union and type(None) in args:
+        if text.lower() in ("none", "null"):
+            return None
+        t = next(a for a in args if a is not type(None))
+    if t is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--set {name}: expected true/false, got {text!r}")
+    if t is tuple:
+        items = [s for s in text.split(",") if s]
+        current = getattr(TrainConfig, name, ())
+        kind = type(current[0]) if current else str
+        return tuple(kind(s) for s in items)
+    return t(text)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kpfast.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
+                   help="starting point (default: paper); other options override it")
+    p.add_argument("--out", required=True, help="run directory: metrics.json, checkpoints, logs, PNGs")
+    p.add_argument("--without", action="append", default=[], choices=ABLATIONS,
+                   help="switch a component off (repeatable): " + ", ".join(ABLATIONS))
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt bit for bit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set any TrainConfig field (tuples comma-separated), e.g. --set w_geo3d=0.2")
+    types = _field_types()
+    for name, help_ in FIELD_OPTIONS.items():
+        kw = {"choices": METHODS} if name == "method" else {"choices": OPS} if name == "ops" else {}
+        t = types[name]
+        base = next((a for a in typing.get_args(t) if a is not type(None)), t)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=base, default=None, help=help_, **kw)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` the parsed command line describes."""
+    overrides = {name: getattr(args, name) for name in FIELD_OPTIONS if getattr(args, name) is not None}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or name not in _field_types():
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{sorted(_field_types())}")
+        overrides[name] = _parse_value(name, value)
+    if args.without:
+        overrides["without"] = tuple(args.without)
+    overrides["out"] = args.out
+    overrides["resume"] = args.resume
+    if args.no_progress:
+        overrides["progress"] = False
+    return TrainConfig.from_preset(args.preset, **overrides)
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        p.error(str(e))
+    from .loop import NonFiniteLossError, Trainer
+
+    try:
+        Trainer(cfg).run()
+    except NonFiniteLossError as e:
+        print(f"kpfast train: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def reexec_with_passive_openmp() -> None:
+    """Re-run this command with ``OMP_WAIT_POLICY=PASSIVE`` on CPU-only machines.
+
+    OpenMP's default busy-waiting makes a 2-thread CPU run up to 10x slower as soon as
+    any other process competes for the cores (measured on the 2-core development
+    machine: 1.8 s instead of 0.11 s for a detector step); passive waiting removes
+    that cliff at a small cost. The policy is read when the OpenMP runtime loads,
+    i.e. when torch is imported, which has happened by the time this runs, hence the
+    ``exec``. Skipped when the variable is already set, when ``KPFAST_NO_REEXEC`` is
+    set, or when CUDA is available.
+    """
+    import os
+
+    import torch
+
+    if os.environ.get("OMP_WAIT_POLICY") or os.environ.get("KPFAST_NO_REEXEC") or torch.cuda.is_available():
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["KPFAST_NO_REEXEC"] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "kpfast.train", *sys.argv[1:]])

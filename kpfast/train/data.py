@@ -1,0 +1,120 @@
+"""The data side of a run: datasets, the few-shot labelled set, resumable batch streams."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..data import KeypointMeta, collate_samples, open_dataset
+from ..data.few_shot import select_few_shot
+from .config import TrainConfig
+from .distributed import World
+
+
+@dataclass
+class TrainingData:
+    """Datasets and the labelled subset of a run.
+
+    ``train`` (all of it is the unlabelled pool; the labelled images are in it too,
+    as in the paper), ``test``, ``meta``, ``labeled`` (indices into ``train``) and
+    ``selection`` (how they were chosen).
+    """
+
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    meta: KeypointMeta
+    labeled: list[int]
+    selection: str
+
+
+def open_training_data(cfg: TrainConfig, world: World) -> TrainingData:
+    """Open (generate and cache, for procedural data) train and test splits and pick the labelled images.
+
+    Rank 0 generates the data and selects the few-shot examples first; the other
+    ranks then read the cache and receive the selection.
+    """
+    def open_split(split: str, size):
+        return open_dataset(cfg.dataset, split, image_size=cfg.image_size, size=size, seed=cfg.data_seed,
+                            cache_dir=cfg.cache_dir, progress=cfg.progress and world.is_main)
+
+    selection = None
+    if world.is_main:
+        train, test = open_split("train", cfg.train_size), open_split("test", cfg.test_size)
+        selection = select_labeled(train, cfg, progress=cfg.progress)
+    world.barrier()
+    if not world.is_main:
+        train, test = open_split("train", cfg.train_size), open_split("test", cfg.test_size)
+    labeled, how = world.broadcast(selection)
+    if cfg.shots > len(train):
+        raise ValueError(f"shots={cfg.shots} but the training split has only {len(train)} images")
+    return TrainingData(train=train, test=test, meta=train.meta, labeled=labeled, selection=how)
+
+
+def select_labeled(train, cfg: TrainConfig, *, progress: bool = False) -> tuple[list[int], str]:
+    """``(indices, description)``: k-means selection (paper Sec. 3.6) or random (``--without kmeans``)."""
+    if cfg.shots > len(train):
+        raise ValueError(f"shots={cfg.shots} but the training split has only {len(train)} images")
+    if cfg.uses("kmeans"):
+        idx, info = select_few_shot(train, cfg.shots, features=cfg.few_shot_features, seed=cfg.seed,
+                                    progress=progress, return_info=True)
+        return [int(i) for i in idx], f"k-means over {info['features']}"
+    g = torch.Generator().manual_seed(cfg.seed)
+    return torch.randperm(len(train), generator=g)[:cfg.shots].tolist(), f"random (seed {cfg.seed})"
+
+
+class BatchStream:
+    """An endless stream of index batches over ``indices``, reshuffled every epoch.
+
+    With ``world_size > 1`` each rank draws from its own disjoint shard of every
+    epoch's permutation (``DistributedSampler``'s split: ``perm[rank::world_size]``,
+    the permutation truncated to a multiple of the world size). The permutation of
+    epoch ``e`` is a pure function of ``(seed, e)``, so the stream's whole state is
+    ``(epoch, position)``: :meth:`state_dict` / :meth:`load_state_dict` resume it exactly.
+
+    Example:
+        >>> s = BatchStream(range(5), 2, seed=0)
+        >>> batches = [s.next() for _ in range(5)]
+        >>> sorted(batches[0] + batches[1] + batches[2][:1]) == [0, 1, 2, 3, 4]
+        True
+    """
+
+    def __init__(self, indices: Sequence[int], batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
+        self.indices = torch.as_tensor(list(indices), dtype=torch.int64)
+        if len(self.indices) < world_size:
+            raise ValueError(f"{len(self.indices)} images cannot be shared among {world_size} processes")
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.epoch, self.position = 0, 0
+        self._shard = self._make_shard()
+
+    def _make_shard(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = self.indices[torch.randperm(len(self.indices), generator=g)]
+        usable = len(perm) - len(perm) % self.world_size
+        return perm[:usable][self.rank::self.world_size]
+
+    def next(self) -> list[int]:
+        """The next ``batch_size`` indices (crossing into the next epoch when needed)."""
+        out = []
+        while len(out) < self.batch_size:
+            if self.position >= len(self._shard):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._shard = self._make_shard()
+            take = min(self.batch_size - len(out), len(self._shard) - self.position)
+            out += self._shard[self.position:self.position + take].tolist()
+            self.position += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._shard = self._make_shard()
+
+
+def fetch(dataset, indices: Sequence[int], device: torch.device) -> dict:
+    """Stack the samples ``indices`` of ``dataset`` into a batch dict on ``device``."""
+    batch = collate_samples([dataset[int(i)] for i in indices])
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -1,0 +1,351 @@
+"""The training loop: :class:`Trainer` and :func:`train`.
+
+A run: open the data (generated and cached for procedural categories), pick the
+few-shot examples, build the networks, train with Adam for ``iterations`` steps
+(checkpointing atomically every ``checkpoint_every`` steps), evaluate the last
+model on the test split (no model selection), and write ``metrics.json``,
+``model.pt``, ``log.csv``, TensorBoard events and PNGs into ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from .. import backend
+from ..evaluate import evaluate
+from ..models import FewShotKeypointModel, build_perceptual_loss
+from .checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, MODEL_NAME, atomic_save, global_rng_state, load_checkpoint,
+                         set_global_rng_state)
+from .config import TrainConfig
+from .data import BatchStream, TrainingData, fetch, open_training_data
+from .distributed import World, setup
+from .objective import Objective
+from .run_log import RunLog
+
+# fields that may differ between an interrupted run and its resumption
+RESUMABLE_CHANGES = {"resume", "progress", "out", "checkpoint_every", "log_every", "image_every", "eval_batch",
+                     "device", "cache_dir", "preset"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; the run stopped (the last good checkpoint is kept)."""
+
+
+def build_model(cfg: TrainConfig, meta) -> FewShotKeypointModel:
+    """The networks a config trains (detector always; edge map + UNet with reconstruction)."""
+    model = FewShotKeypointModel(
+        meta.num_keypoints, meta.edges, cfg.image_size,
+        graph="all-pairs" if cfg.method == "autolink-few" else "skeleton", reconstruction=cfg.uses("recon"),
+        detector_widths=cfg.detector_widths, detector_up_widths=cfg.detector_up_widths, unet_widths=cfg.unet_widths,
+        norm=cfg.norm, depth_scale=cfg.depth_scale)
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+
+def _git_commit() -> Optional[str]:
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                           text=True, timeout=5)
+        return r.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Trainer:
+    """One training run of a :class:`TrainConfig` (see the module docstring).
+
+    ``Trainer(cfg).run()`` returns the metrics dict that is also written to
+    ``out/metrics.json``. Under ``torchrun`` every process runs it; rank 0 logs,
+    checkpoints and evaluates.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.t_start = time.perf_counter()
+        self.cfg = cfg
+        self.world: World = setup(cfg.device)
+        self.out = Path(cfg.out) if cfg.out else None
+        if self.out is not None and self.world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self._seed_everything()
+        self.data: TrainingData = open_training_data(cfg, self.world)
+        self.t_data = time.perf_counter() - self.t_start
+        self.meta = self.data.meta
+        self.device = self.world.device
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = build_model(cfg, self.meta).to(self.device)
+        self.perceptual = build_perceptual_loss(cfg.perceptual) if cfg.uses("recon") else None
+        if self.perceptual is not None:
+            self.perceptual.to(self.device)
+        self.objective = Objective(cfg, self.meta, self.perceptual)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas)
+
+        # the run's random stream (transforms, masks, partners): one per rank
+        self.generator = torch.Generator().manual_seed(cfg.seed * 7919 + 104729 * self.world.rank + 1)
+        self.unlabeled_batch = 0 if cfg.method == "supervised" else cfg.batch_unlabeled
+        self.unlabeled = BatchStream(range(len(self.data.train)), max(self.unlabeled_batch, 1), seed=cfg.seed + 1,
+                                     rank=self.world.rank, world_size=self.world.size)
+        self.labeled = BatchStream(self.data.labeled, cfg.labeled_batch, seed=cfg.seed + 2)
+        self.step = 0
+        self.resumed_from: Optional[int] = None
+        if cfg.resume:
+            self._restore()
+
+        self.ddp_model = self.model
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    # -- state -----------------------------------------------------------------
+    def _seed_everything(self) -> None:
+        s = self.cfg.seed + self.world.rank
+        torch.manual_seed(s)
+        np.random.seed(s)
+        random.seed(s)
+
+    def checkpoint_path(self) -> Optional[Path]:
+        return self.out / CHECKPOINT_NAME if self.out else None
+
+    def state(self) -> dict:
+        """Everything needed to continue bit for bit (collective under DDP: call on every rank)."""
+        rng = {"generator": self.generator.get_state(), "global": global_rng_state(),
+               "unlabeled": self.unlabeled.state_dict()}
+        return {
+            "format": "kpfast", "version": FORMAT_VERSION, "kind": "training",
+            "step": self.step, "config": self.cfg.to_dict(), "meta": self.meta.to_dict(),
+            "labeled": self.data.labeled, "selection": self.data.selection,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "labeled_stream": self.labeled.state_dict(), "rng": self.world.gather(rng), "world_size": self.world.size,
+        }
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoint.pt`` atomically (rank 0; every rank contributes its random state)."""
+        state = self.state()
+        if self.world.is_main and self.out is not None:
+            atomic_save(state, self.checkpoint_path())
+        self.world.barrier()
+
+    def _restore(self) -> None:
+        path = self.checkpoint_path()
+        if path is None:
+            raise ValueError("resume needs out: the run directory whose checkpoint.pt to continue from")
+        if not path.is_file():
+            if self.world.is_main:
+                print(f"kpfast train: --resume: no checkpoint at {path}, starting from step 0", flush=True)
+            return
+        ckpt = load_checkpoint(path, map_location=self.device)
+        old = TrainConfig.from_dict(ckpt["config"]).to_dict()
+        new = self.cfg.to_dict()
+        changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
+        if changed:
+            raise ValueError(f"cannot resume {path}: the config differs in {changed} "
+                             f"({', '.join(f'{k}: {old.get(k)!r} -> {new[k]!r}' for k in changed)})")
+        if ckpt["labeled"] != self.data.labeled:
+            raise ValueError(f"cannot resume {path}: the few-shot selection differs from the checkpoint's")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.labeled.load_state_dict(ckpt["labeled_stream"])
+        self.step = int(ckpt["step"])
+        self.resumed_from = self.step
+        if ckpt["world_size"] == self.world.size:
+            rng = ckpt["rng"][self.world.rank]
+            self.generator.set_state(rng["generator"].cpu())
+            set_global_rng_state(rng["global"])
+            self.unlabeled.load_state_dict(rng["unlabeled"])
+        elif self.world.is_main:
+            print(f"kpfast train: resuming a {ckpt['world_size']}-process run with {self.world.size} processes: "
+                  "random streams and data order are re-drawn (not bit for bit)", flush=True)
+
+    # -- one step --------------------------------------------------------------
+    def next_batch(self) -> dict:
+        lab = fetch(self.data.train, self.labeled.next(), self.device)
+        images = lab["image"]
+        if self.unlabeled_batch:
+            unl = fetch(self.data.train, self.unlabeled.next(), self.device)
+            images = torch.cat([unl["image"], images])
+        return {"images": images, "labeled_keypoints": lab["keypoints"], "labeled_mask": lab["labeled"]}
+
+    def compute_losses(self, batch: dict, step: int) -> tuple[dict, dict]:
+        """The unweighted loss terms of ``step`` and the model outputs (see :class:`Objective`)."""
+        return self.objective(self.ddp_model, batch, step, self.generator)
+
+    def check_finite(self, terms: dict, step: int) -> None:
+        """Raise :class:`NonFiniteLossError` (on every rank) if any term is NaN or infinite."""
+        bad = {k: float(v.detach()) for k, v in terms.items() if not math.isfinite(float(v.detach()))}
+        if self.world.all_true(not bad):
+            return
+        where = f"; the last good checkpoint is {self.checkpoint_path()}" if self.checkpoint_path() and \
+            self.checkpoint_path().exists() else " (no checkpoint was written yet)"
+        names = ", ".join(f"'{k}' = {v}" for k, v in bad.items()) or "a term on another process"
+        raise NonFiniteLossError(f"non-finite loss at step {step + 1}: {names}; training stopped{where}")
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step; returns the logged scalars."""
+        self.model.train()
+        batch = self.next_batch()
+        terms, _ = self.compute_losses(batch, step)
+        self.check_finite(terms, step)
+        total = self.objective.total(terms)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr_at(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        scalars = {k: float(v.detach()) for k, v in terms.items()}
+        scalars["total"] = float(total.detach())
+        scalars["strength"] = self.objective.strength(step) if self.objective.active["geo2d"] else 0.0
+        scalars["lr"] = self.cfg.lr_at(step)
+        return scalars
+
+    # -- the run ---------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        ops = "reference" if cfg.ops == "reference" else "auto"
+        log = RunLog(self.out, total=cfg.iterations, start_step=self.step, every=cfg.log_every,
+                     progress=cfg.progress, enabled=self.world.is_main)
+        t_train = time.perf_counter()
+        first_step = self.step
+        try:
+            with backend.use_backend(ops):
+                while self.step < cfg.iterations:
+                    scalars = self.train_step(self.step)
+                    self.step += 1
+                    log.step(self.step, scalars)
+                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
+                        self.save_checkpoint()
+                    if cfg.image_every and self.step % cfg.image_every == 0 and self.world.is_main and self.out:
+                        self.write_pictures(self.out / "images", prefix=f"step{self.step:06d}_")
+                train_s = time.perf_counter() - t_train
+                metrics = None
+                if self.world.is_main:
+                    t_eval = time.perf_counter()
+                    metrics = self.evaluate()
+                    if self.out is not None:
+                        self.write_pictures(self.out)
+                        self.save_model()
+                    metrics["wall_time_s"] = {
+                        "total": time.perf_counter() - self.t_start, "data": self.t_data, "training": train_s,
+                        "evaluation": time.perf_counter() - t_eval}
+                    metrics["steps_this_run"] = self.step - first_step
+                    metrics["seconds_per_step"] = train_s / max(self.step - first_step, 1)
+                    if self.out is not None:
+                        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+                    test = metrics["test"]
+                    log.message(f"kpfast train: {cfg.method_label} on {cfg.dataset}, {cfg.shots} shots: test NME "
+                                f"{_fmt(test['nme'])} %, PCK@0.1 {_fmt(test['pck@0.1'])} % "
+                                f"({metrics['wall_time_s']['total']:.0f} s)" + (f"; wrote {self.out}" if self.out else ""))
+                    log.scalars("test", {"nme": test["nme"], "pck@0.1": test["pck@0.1"]}, self.step)
+                metrics = self.world.broadcast(metrics)
+        finally:
+            log.close()
+            self.world.close()
+        return metrics
+
+    # -- results ---------------------------------------------------------------
+    @torch.no_grad()
+    def _detect(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.detector(images).keypoints
+
+    def evaluate(self) -> dict:
+        """Test metrics of the current model (and the fit on the labelled images), as written to metrics.json."""
+        self.model.eval()
+        test = evaluate(self._detect, self.data.test, meta=self.meta, batch_size=self.cfg.eval_batch,
+                        device=self.device)
+        labeled = torch.utils.data.Subset(self.data.train, self.data.labeled)
+        fit = evaluate(self._detect, labeled, meta=self.meta, batch_size=self.cfg.eval_batch, device=self.device)
+        cfg = self.cfg
+        return {
+            "dataset": cfg.dataset, "keypoints": self.meta.num_keypoints, "shots": cfg.shots,
+            "method": cfg.method, "without": list(cfg.without), "method_label": cfg.method_label, "ops": cfg.ops,
+            "perceptual": self.perceptual.description if self.perceptual is not None else "none",
+            "few_shot_selection": self.data.selection, "labeled_indices": self.data.labeled,
+            "iterations": self.step, "resumed_from": self.resumed_from, "world_size": self.world.size,
+            "test": test, "labeled_fit": {"nme": fit["nme"], "pck@0.1": fit["pck@0.1"]},
+            "test_images": len(self.data.test), "train_images": len(self.data.train),
+            "environment": {"device": str(self.device), "torch": torch.__version__, "python": platform.python_version(),
+                            "cpu_threads": torch.get_num_threads(), "git_commit": _git_commit(),
+                            "cpu_count": os.cpu_count()},
+            "config": cfg.to_dict(),
+        }
+
+    def save_model(self) -> None:
+        """``model.pt``: what inference needs (detector weights, meta, config), for :func:`kpfast.load`."""
+        det = {k[len("detector."):]: v for k, v in self.model.state_dict().items() if k.startswith("detector.")}
+        atomic_save({"format": "kpfast", "version": FORMAT_VERSION, "kind": "model", "step": self.step,
+                     "config": self.cfg.to_dict(), "meta": self.meta.to_dict(), "model": det}, self.out / MODEL_NAME)
+
+    @torch.no_grad()
+    def write_pictures(self, folder: Path, prefix: str = "", n: int = 16) -> None:
+        """``predictions.png`` (test images, certainty colours, ground truth beside) and, with
+        reconstruction, ``reconstructions.png`` and ``edge_maps.png``."""
+        from .. import viz
+        from ..data import collate_samples
+        from ..models import patch_mask
+
+        self.model.eval()
+        b = collate_samples([self.data.test[i] for i in range(min(n, len(self.data.test)))])
+        images = b["image"].to(self.device)
+        g = torch.Generator().manual_seed(0)  # pictures never touch the run's random stream
+        masked = patch_mask(images, self.objective.patch, self.cfg.mask_ratio, generator=g)[0] \
+            if self.model.unet is not None else None
+        with backend.use_backend("reference" if self.cfg.ops == "reference" else "auto"):
+            out = self.model(images, masked=masked, use_uncertainty=self.cfg.uses("uncertainty"))
+        det = out["detections"]
+        viz.save(viz.prediction_sheet(images.cpu(), det.keypoints.cpu(), self.meta,
+                                      certainty=torch.sigmoid(det.uncertainty).cpu(), ground_truth=b["keypoints"],
+                                      cols=4), folder / f"{prefix}predictions.png")
+        if masked is not None:
+            viz.save(viz.reconstruction_sheet(images.cpu(), masked.cpu(), out["edge_map"].cpu(),
+                                              out["reconstruction"].cpu()), folder / f"{prefix}reconstructions.png")
+            viz.save(viz.edge_map_sheet(out["edge_map"].cpu()), folder / f"{prefix}edge_maps.png")
+        self.model.train()
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def train(config: Union[TrainConfig, dict, str, None] = None, **overrides: Any) -> dict:
+    """Train the method end to end, evaluate it and return the metrics.
+
+    Args:
+        config: a :class:`TrainConfig`, a dict of its fields, a preset name
+            (``"demo"``, ``"paper"``, ``"tiny"``) or None (the paper's defaults).
+        **overrides: fields to change, e.g. ``out="runs/x"``, ``method="supervised"``,
+            ``without=("geo3d",)``.
+
+    Returns:
+        the dict written to ``out/metrics.json``: ``test`` (``nme``, ``pck@0.1``,
+        ``per_keypoint``), shots, dataset, method, ops, perceptual backbone,
+        wall time, config.
+
+    Example (minutes on CPU; the README's training example runs the ``"tiny"`` preset)::
+
+        import kpfast
+        metrics = kpfast.train("demo", out="runs/demo")
+        metrics["test"]["nme"]
+    """
+    if isinstance(config, str):
+        cfg = TrainConfig.from_preset(config, **overrides)
+    elif isinstance(config, dict):
+        cfg = TrainConfig.from_dict({**config, **overrides})
+    elif isinstance(config, TrainConfig):
+        cfg = config.replace(**overrides) if overrides else config
+    elif config is None:
+        cfg = TrainConfig(**overrides)
+    else:
+        raise TypeError(f"config must be a TrainConfig, dict, preset name or None, got {type(config).__name__}")
+    return Trainer(cfg).run()

@@ -1,0 +1,102 @@
+"""One training step's objective: which terms, on which images, with which weights and schedules.
+
+Per step the batch is ``U`` unlabelled images followed by ``L`` labelled ones (the
+paper concatenates the labelled examples to every batch). On all ``U + L``
+images:
+
+- ``few_shot`` (Eq. 2): on the ``L`` labelled images, annotated keypoints only;
+- ``geo2d`` (Eq. 3): one random transform per image (rotation, translation,
+  scale, flip with the meta's left/right permutation, colour jitter) at strength
+  ``min(1, step / ramp_length)``; keypoints leaving the image are ignored; the
+  detector sees originals and transformed images in one call;
+- ``geo3d`` (Eq. 5): per user part (weight 1) and the whole object
+  (``whole_object_weight``), random partners for the first
+  ``random_partner_iterations`` steps, then the minimizing partner, transform
+  detached (:func:`kpfast.part_alignment`);
+- ``recon`` (Eq. 9): 90 % of the 8x8 patch grid masked, edge map (with the
+  uncertainty readout unless ``--without uncertainty``) + masked image -> UNet;
+  L1 + perceptual;
+- ``smooth``: the face jaw/nose penalty (faces only: metas with a ``contour``/``jaw`` part).
+
+Random draws (transforms, masks, partners) come from the run's generator, in a
+fixed order, so a resumed run draws exactly what the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..data import KeypointMeta
+from ..data.transforms import sample_transform
+from ..losses import (SMOOTH_PARTS, equivariance_loss, few_shot_loss, part_geometry_loss, reconstruction_loss,
+                      smoothness_loss, smoothness_triples)
+from ..models import PerceptualLoss, patch_mask, patch_size_for
+from .config import TrainConfig
+
+TERMS = ("few_shot", "recon", "geo2d", "geo3d", "smooth")
+
+
+class Objective:
+    """Computes the weighted loss terms of one step (see the module docstring).
+
+    Call with ``(model, batch, step, generator)`` where ``batch`` holds
+    ``images [U + L, 3, S, S]``, ``labeled_keypoints [L, K, 2]`` and
+    ``labeled_mask [L, K]``. Returns ``(terms, outputs)``: the unweighted scalar terms
+    by name, and the model outputs plus the masked images (for pictures).
+    """
+
+    def __init__(self, cfg: TrainConfig, meta: KeypointMeta, perceptual: Optional[PerceptualLoss] = None):
+        self.cfg = cfg
+        self.meta = meta
+        self.weights = {"few_shot": cfg.w_few_shot, "recon": cfg.w_recon, "geo2d": cfg.w_geo2d,
+                        "geo3d": cfg.w_geo3d, "smooth": cfg.w_smooth}
+        self.active = {"few_shot": True, **{t: cfg.uses(t) for t in ("recon", "geo2d", "geo3d")}}
+        # faces only: a face meta names its jaw line "contour" (or "jaw")
+        is_face = any(k in meta.parts for k in ("contour", "jaw"))
+        self.triples = smoothness_triples(meta.edges, [v for k, v in meta.parts.items() if k in SMOOTH_PARTS])
+        self.active["smooth"] = cfg.uses("smooth") and is_face and len(self.triples) > 0
+        self.parts = meta.part_mask(include_whole=True)
+        self.part_weights = torch.tensor([1.0] * len(meta.parts) + [cfg.whole_object_weight if meta.parts else 1.0])
+        self.patch = patch_size_for(cfg.image_size)
+        self.perceptual = perceptual
+
+    def strength(self, step: int) -> float:
+        """The 2D transform strength at ``step``: linear from 0 to 1 over ``ramp_length`` steps."""
+        return min(1.0, step / max(self.cfg.ramp_length, 1))
+
+    def total(self, terms: dict) -> Tensor:
+        """``sum_t weight_t * term_t``."""
+        return sum(self.weights[k] * v for k, v in terms.items())
+
+    def __call__(self, model, batch: dict, step: int, generator: torch.Generator) -> tuple[dict, dict]:
+        cfg = self.cfg
+        images = batch["images"]
+        B, L = images.shape[0], batch["labeled_keypoints"].shape[0]
+        transform = transformed = masked = None
+        if self.active["geo2d"]:
+            transform = sample_transform(B, self.strength(step), size=tuple(images.shape[-2:]), generator=generator,
+                                         device=images.device)
+            transformed = transform.apply_images(images)
+        if self.active["recon"]:
+            masked, _ = patch_mask(images, self.patch, cfg.mask_ratio, generator=generator)
+        out = model(images, transformed=transformed, masked=masked, use_uncertainty=cfg.uses("uncertainty"))
+        det = out["detections"]
+        terms = {"few_shot": few_shot_loss(det.keypoints[B - L:], batch["labeled_keypoints"], batch["labeled_mask"])}
+        if self.active["recon"]:
+            terms["recon"], parts = reconstruction_loss(out["reconstruction"], images, self.perceptual)
+            out["recon_parts"] = parts
+        if self.active["geo2d"]:
+            target, inside = transform.apply_keypoints(det.keypoints, self.meta.flip_perm)
+            terms["geo2d"] = equivariance_loss(out["detections_transformed"].keypoints, target, inside)
+            out["transformed"] = transformed
+        if self.active["geo3d"]:
+            terms["geo3d"] = part_geometry_loss(det.points3d, self.parts, self.part_weights,
+                                                random_partners=step < cfg.random_partner_iterations,
+                                                generator=generator)
+        if self.active["smooth"]:
+            terms["smooth"] = smoothness_loss(det.keypoints, self.triples)
+        out["masked"] = masked
+        return terms, out

@@ -1,0 +1,92 @@
+"""Pictures of a run: predictions with skeleton and uncertainty, edge maps, reconstructions.
+
+Drawing is :mod:`kpfast.data.draw`; this module only lays the pictures out.
+Keypoint colours encode the predicted certainty ``sigmoid(v)`` (the edge map's
+intensity): green = certain, red = uncertain.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from PIL import Image
+from torch import Tensor
+
+from .data import KeypointMeta
+from .data.draw import draw_keypoints, image_grid, to_pil
+
+
+def certainty_colors(certainty: Tensor) -> list[tuple[int, int, int]]:
+    """RGB per keypoint from ``certainty [K]`` in [0, 1]: red (0) -> yellow -> green (1).
+
+    Example:
+        >>> import torch
+        >>> certainty_colors(torch.tensor([0.0, 1.0]))
+        [(255, 0, 0), (0, 255, 0)]
+    """
+    c = certainty.detach().float().clamp(0, 1).cpu()
+    r = (2 * (1 - c)).clamp(0, 1)
+    g = (2 * c).clamp(0, 1)
+    return [(int(round(255 * float(a))), int(round(255 * float(b))), 0) for a, b in zip(r, g)]
+
+
+def _scale_for(size: int) -> int:
+    return max(1, 192 // size)
+
+
+def prediction_sheet(images: Tensor, keypoints: Tensor, meta: KeypointMeta, *, certainty: Optional[Tensor] = None,
+                     ground_truth: Optional[Tensor] = None, cols: int = 8) -> Image.Image:
+    """Predicted keypoints and skeleton on each image (and the ground truth beside it if given).
+
+    ``images [B, 3, S, S]`` in [0, 1], ``keypoints [B, K, 2]`` normalized, ``certainty [B, K]``
+    in [0, 1] (colours, see :func:`certainty_colors`), ``ground_truth [B, K, 2]``.
+    """
+    scale = _scale_for(images.shape[-1])
+    tiles = []
+    for i in range(images.shape[0]):
+        colors = certainty_colors(certainty[i]) if certainty is not None else None
+        tiles.append(draw_keypoints(images[i], keypoints[i], edges=meta.edges, scale=scale, colors=colors,
+                                    radius=max(1.5, scale)))
+        if ground_truth is not None:
+            tiles.append(draw_keypoints(images[i], ground_truth[i], edges=meta.edges, scale=scale,
+                                        radius=max(1.5, scale)))
+    return image_grid(tiles, cols=cols * (2 if ground_truth is not None else 1) if len(tiles) > cols else len(tiles))
+
+
+def _gray(m: Tensor) -> Tensor:
+    """``[H, W]`` map -> ``[3, H, W]`` scaled to its max."""
+    m = m.detach().float().cpu()
+    return (m / m.max().clamp_min(1e-8)).expand(3, *m.shape)
+
+
+def reconstruction_sheet(images: Tensor, masked: Tensor, edge_maps: Tensor, reconstructions: Tensor,
+                         *, rows: int = 8) -> Image.Image:
+    """One row per image: original | masked input | edge map (scaled to its max) | reconstruction."""
+    scale = _scale_for(images.shape[-1])
+    tiles = []
+    for i in range(min(rows, images.shape[0])):
+        for im in (images[i], masked[i], _gray(edge_maps[i, 0]), reconstructions[i]):
+            p = to_pil(im)
+            tiles.append(p.resize((p.width * scale, p.height * scale), Image.NEAREST))
+    return image_grid(tiles, cols=4)
+
+
+def edge_map_sheet(edge_maps: Tensor, *, cols: int = 8) -> Image.Image:
+    """The edge maps alone (each scaled to its max)."""
+    scale = _scale_for(edge_maps.shape[-1])
+    tiles = []
+    for m in edge_maps[:, 0]:
+        p = to_pil(_gray(m))
+        tiles.append(p.resize((p.width * scale, p.height * scale), Image.NEAREST))
+    return image_grid(tiles, cols=min(cols, len(tiles)))
+
+
+def save(picture: Image.Image, path) -> None:
+    """Write a PNG (creating the directory)."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+
+
+__all__ = ["certainty_colors", "prediction_sheet", "reconstruction_sheet", "edge_map_sheet", "save"]

