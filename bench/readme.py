@@ -118,14 +118,16 @@ def demo_block(files: list[Path]) -> str:
     for p, m in runs:
         t = m["test"]
         lines.append(f"| {m['method_label']} | {t['nme']:.2f} | {t['pck@0.1']:.1f} | {m['labeled_fit']['nme']:.2f} "
-                     f"| {m['wall_time_s']['total'] / 60:.1f} min | `{train_command(m['config'])}` |")
+                     f"| {m['wall_time_s']['total'] / 60:.1f} min (data {m['wall_time_s']['data']:.0f} s) "
+                     f"| `{train_command(m['config'])}` |")
     by_label = {m["method_label"]: m for _, m in runs}
     first = runs[0][1]
     env = first["environment"]
     lines += ["", f"{first['shots']}-shot, {first['dataset']} ({first['train_images']} training and "
               f"{first['test_images']} test images, {first['keypoints']} keypoints), {first['iterations']} "
               f"iterations; {env['device']} with {env['cpu_threads']} threads, torch {env['torch']}, "
-              f"commit `{(env.get('git_commit') or '')[:10]}`; wall time includes data generation and evaluation."]
+              f"commit `{(env.get('git_commit') or '')[:10]}`. Wall time is the whole run (data, training, evaluation, "
+              "pictures); data is generated on the first run and read from the cache afterwards."]
     if "full" in by_label and "supervised" in by_label:
         full, sup = by_label["full"]["test"]["nme"], by_label["supervised"]["test"]["nme"]
         gain = 100 * (1 - full / sup)
