@@ -1,8 +1,12 @@
 """Networks of the method (kpfast.models): shapes, readouts, masking, gradients, perceptual backbones."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from kpfast.models.blocks import StridedPointwiseConv
 from kpfast.models import (FewShotKeypointModel, KeypointDetector, PerceptualLoss, ReconstructionUNet,
                            build_perceptual_loss, load_feature_module, patch_mask, patch_size_for)
 from kpfast.reference import pixel_centers
@@ -19,6 +23,42 @@ def test_detector_shapes_and_ranges():
     assert det.heatmap_size(64) == 16
     assert out.keypoints.abs().max() <= 1 and out.depth.abs().max() < 1, f"seed {seed}"
     assert out.points3d.shape == (3, 7, 3)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_strided_pointwise_conv_is_a_strided_1x1_convolution(channels_last):
+    gen, seed = fresh_generator()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ours = StridedPointwiseConv(3, 5, 2, bias=True).double().to(memory_format=fmt)
+    plain = torch.nn.Conv2d(3, 5, 1, 2).double()
+    plain.load_state_dict(ours.state_dict())
+    x = torch.rand(2, 3, 9, 12, generator=gen, dtype=torch.float64)
+    xa = x.clone().to(memory_format=fmt).requires_grad_()
+    xb = x.clone().requires_grad_()
+    ya, yb = ours(xa), plain(xb)
+    torch.testing.assert_close(ya, yb, msg=f"seed {seed}")
+    g = torch.rand(ya.shape, generator=gen, dtype=torch.float64)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, msg=f"seed {seed}")
+    torch.testing.assert_close(ours.weight.grad, plain.weight.grad, msg=f"seed {seed}")
+    torch.testing.assert_close(ours.bias.grad, plain.bias.grad, msg=f"seed {seed}")
+
+
+def test_detector_trains_channels_last_at_128_pixels():
+    """Regression: the paper preset's first block (3 channels, 128 px, channels_last) crashed
+    torch 2.13's CPU backward (heap corruption) with a plain strided 1x1 shortcut. Runs in a
+    subprocess so that a crash fails this test instead of the whole session."""
+    code = ("import torch\n"
+            "from kpfast.models import KeypointDetector\n"
+            "det = KeypointDetector(4, widths=(8, 16), up_widths=(8,)).to(memory_format=torch.channels_last)\n"
+            "x = torch.rand(2, 3, 128, 128).to(memory_format=torch.channels_last)\n"
+            "for _ in range(3):\n"
+            "    o = det(x)\n"
+            "    (o.keypoints.sum() + o.depth.sum()).backward()\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def test_detector_readouts_are_softmax_expectations_of_its_maps():

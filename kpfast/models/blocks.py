@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 NORMS = ("batch", "group", "none")
@@ -25,6 +26,22 @@ def conv_norm_relu(c_in: int, c_out: int, norm: str, stride: int = 1) -> nn.Sequ
                          nn.ReLU(inplace=True))
 
 
+class StridedPointwiseConv(nn.Conv2d):
+    """A 1x1 convolution with stride ``s``, computed as ``conv1x1(x[..., ::s, ::s])``.
+
+    The same function and parameters as ``nn.Conv2d(c_in, c_out, 1, s)``. torch 2.13's
+    CPU backward of a strided 1x1 convolution on channels_last inputs with few input
+    channels (3 or 8 at 128x128) corrupts the heap; subsampling first avoids that kernel.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, bias: bool):
+        super().__init__(c_in, c_out, 1, bias=bias)
+        self.step = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x[..., ::self.step, ::self.step], self.weight, self.bias)
+
+
 class ResidualBlock(nn.Module):
     """A ResNet basic block: two 3x3 convolutions and a (projected) shortcut.
 
@@ -38,7 +55,7 @@ class ResidualBlock(nn.Module):
             nn.Conv2d(c_out, c_out, 3, 1, 1, bias=norm == "none"), norm_layer(norm, c_out),
         )
         self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride, bias=norm == "none"), norm_layer(norm, c_out))
+            StridedPointwiseConv(c_in, c_out, stride, bias=norm == "none"), norm_layer(norm, c_out))
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
