@@ -3,6 +3,7 @@
     python bench/run.py                       # every op, on CUDA if present, else CPU
     python bench/run.py --ops edge_map --device cpu
     python bench/run.py --quick               # tiny shapes: checks the machinery only
+    python bench/run.py --replot bench/results/cpu-2threads.json   # redraw a PNG from its JSON
 
 For each op module ``bench/<op>.py`` and each of its cases, every provider is
 timed forward, backward and forward+backward (median, p20, p80 over repeated
@@ -20,6 +21,7 @@ import argparse
 import datetime
 import importlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -152,7 +154,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _provider_color(provider: str) -> str:
+    """One colour per role in every panel: reference blue, compiled orange, fused green."""
+    if provider == "fused":
+        return "tab:green"
+    if provider.startswith("torch.compile"):
+        return "tab:orange"
+    return "tab:blue" if provider == "reference" else "tab:gray"
+
+
 def plot(rows: list[dict], path: Path, title: str) -> bool:
+    """Two rows of panels per op (forward+backward time, peak memory); fused bars carry their
+    speed-up over the reference measured in the same run."""
     try:
         import matplotlib
 
@@ -166,30 +179,45 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
     for col, op in enumerate(ops):
         mine = [r for r in rows if r["op"] == op]
         cases = list(dict.fromkeys(r["case"] for r in mine))
-        providers = list(dict.fromkeys(r["provider"] for r in mine))
-        width = 0.8 / len(providers)
-        for k, provider in enumerate(providers):
-            for row_i, (metric, scale) in enumerate((("forward+backward", 1.0), ("peak_bytes", 2**-20))):
+        providers = list(dict.fromkeys(r["provider"] for r in mine if r["status"] == "ok"))
+        width = 0.8 / max(len(providers), 1)
+        for row_i, (metric, scale) in enumerate((("forward+backward", 1.0), ("peak_bytes", 2**-20))):
+            ax = axes[row_i, col]
+            values = []
+            for k, provider in enumerate(providers):
                 xs, ys = [], []
                 for ci, c in enumerate(cases):
                     r = next((r for r in mine if r["case"] == c and r["provider"] == provider), None)
                     if r and r["status"] == "ok":
                         xs.append(ci + k * width)
                         ys.append(r[metric]["median_ms"] if metric != "peak_bytes" else r[metric] * scale)
-                axes[row_i, col].bar(xs, ys, width, label=provider)
-        for row_i, label in enumerate(("forward+backward time (ms, median)", "peak memory (MiB)")):
-            ax = axes[row_i, col]
+                        ratio = r.get("ratios", {}).get("reference", {}).get(metric)
+                        if provider == "fused" and ratio:
+                            ax.annotate(f"{ratio:.1f}x", (xs[-1], ys[-1]), ha="center", va="bottom", fontsize=7)
+                ax.bar(xs, ys, width, label=provider, color=_provider_color(provider))
+                values += ys
             ax.set_yscale("log")
-            ax.set_ylabel(label)
+            if values:
+                ax.set_ylim(10 ** math.floor(math.log10(min(values)) - 0.5), max(values) * 3)
+            ax.set_ylabel(("forward+backward time (ms, median)", "peak memory (MiB)")[row_i])
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
             ax.set_xticklabels(cases, rotation=20, ha="right", fontsize=7)
-            ax.set_title(op)
+            ax.set_title(op + ("" if row_i == 0 else " (memory)"))
             ax.legend(fontsize=7)
-    fig.suptitle(title)
+    fig.suptitle(title + "; labels on fused bars: ratio to the reference")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def replot(json_path: Path) -> int:
+    """Redraw ``<slug>.png`` from a result JSON (no measurement)."""
+    data = json.loads(json_path.read_text())
+    env = data["environment"]
+    plot(data["results"], json_path.with_suffix(".png"), f"kpfast on {env.get('gpu', env['cpu'])} ({env['device']})")
+    print(f"wrote {json_path.with_suffix('.png')}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -200,7 +228,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a check of the machinery")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of repeated timing per measurement")
     parser.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON, table and plot")
+    parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier run's result JSON")
     args = parser.parse_args(argv)
+    if args.replot:
+        return replot(Path(args.replot))
 
     device = torch.device(args.device)
     ops = [o for o in args.ops.split(",") if o]
