@@ -30,8 +30,10 @@ class StridedPointwiseConv(nn.Conv2d):
     """A 1x1 convolution with stride ``s``, computed as ``conv1x1(x[..., ::s, ::s])``.
 
     The same function and parameters as ``nn.Conv2d(c_in, c_out, 1, s)``. torch 2.13's
-    CPU backward of a strided 1x1 convolution on channels_last inputs with few input
-    channels (3 or 8 at 128x128) corrupts the heap; subsampling first avoids that kernel.
+    CPU backward of a strided 1x1 convolution on channels_last inputs with fewer than 16
+    input channels (3, 8, 12 at 128x128 or more) corrupts the heap; subsampling first
+    avoids that kernel. :class:`ResidualBlock` uses it only there: it is slower than the
+    strided kernel on wide inputs.
     """
 
     def __init__(self, c_in: int, c_out: int, stride: int, bias: bool):
@@ -40,6 +42,13 @@ class StridedPointwiseConv(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x[..., ::self.step, ::self.step], self.weight, self.bias)
+
+
+def pointwise(c_in: int, c_out: int, stride: int, bias: bool) -> nn.Conv2d:
+    """A 1x1 convolution with ``stride``; :class:`StridedPointwiseConv` where torch 2.13 needs it."""
+    if stride > 1 and c_in < 16:
+        return StridedPointwiseConv(c_in, c_out, stride, bias=bias)
+    return nn.Conv2d(c_in, c_out, 1, stride, bias=bias)
 
 
 class ResidualBlock(nn.Module):
@@ -55,7 +64,7 @@ class ResidualBlock(nn.Module):
             nn.Conv2d(c_out, c_out, 3, 1, 1, bias=norm == "none"), norm_layer(norm, c_out),
         )
         self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
-            StridedPointwiseConv(c_in, c_out, stride, bias=norm == "none"), norm_layer(norm, c_out))
+            pointwise(c_in, c_out, stride, bias=norm == "none"), norm_layer(norm, c_out))
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
