@@ -31,3 +31,16 @@ def test_readme_result_blocks_match_committed_results():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "<!-- test-command -->" in ci and "<!-- test-command -->" in README
+
+
+def test_main_command_is_the_run_behind_the_demo_results():
+    """The README's main job is the command the committed full-method demo result reproduces."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from readme import train_command
+
+    main = re.search(r"<!-- main-command -->\n```bash\n(.*?)\n```", README).group(1)
+    full = json.loads((ROOT / "docs" / "results" / "demo" / "full" / "metrics.json").read_text())
+    assert full["method_label"] == "full"
+    assert main.endswith(train_command(full["config"])), (main, train_command(full["config"]))
