@@ -17,14 +17,11 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-README = HERE.parent / "README.md"
 ROOT = HERE.parent
+README = ROOT / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 DEMO_START, DEMO_END = "<!-- demo:start -->", "<!-- demo:end -->"
 DEMO_RESULTS = ROOT / "docs" / "results" / "demo"
-# config fields a rerun may change without changing the result
-RUN_ONLY_FIELDS = {"out", "progress", "resume", "cache_dir", "preset", "device", "checkpoint_every", "log_every",
-                   "image_every", "eval_batch"}
 
 
 def _ms(q: dict) -> str:
@@ -87,41 +84,21 @@ def demo_files(committed_only: bool) -> list[Path]:
     return _committed(sorted(DEMO_RESULTS.glob("*/metrics.json")), committed_only)
 
 
-def train_command(config: dict) -> str:
-    """The ``python -m kpfast.train`` line that reproduces a run (its preset plus what it changed)."""
-    from kpfast.train.cli import FIELD_OPTIONS
-    from kpfast.train.config import TrainConfig
-
-    preset = config.get("preset") or "paper"
-    base = TrainConfig.from_preset(preset).to_dict()
-    args = [f"--preset {preset}"]
-    for name, value in config.items():
-        if name in RUN_ONLY_FIELDS or base.get(name) == value:
-            continue
-        if name == "without":
-            args += [f"--without {w}" for w in value]
-        elif name in FIELD_OPTIONS:
-            args.append(f"--{name.replace('_', '-')} {value}")
-        else:
-            text = ",".join(map(str, value)) if isinstance(value, list) else value
-            args.append(f"--set {name}={text}")
-    return "python -m kpfast.train " + " ".join(args) + f" --out runs/{Path(config['out']).name}"
-
-
 def demo_block(files: list[Path]) -> str:
     if not files:
         return f"{DEMO_START}\nNo committed demo results yet.\n{DEMO_END}"
-    runs = [(p, json.loads(p.read_text())) for p in files]
-    runs.sort(key=lambda r: r[1]["test"]["nme"])
+    from kpfast.train.cli import command_line
+
+    runs = sorted((json.loads(p.read_text()) for p in files), key=lambda m: m["test"]["nme"])
     lines = ["| method | test NME (%) | PCK@0.1 (%) | labelled-set NME (%) | wall time | command |",
              "|---|---|---|---|---|---|"]
-    for p, m in runs:
+    for m in runs:
         t = m["test"]
         lines.append(f"| {m['method_label']} | {t['nme']:.2f} | {t['pck@0.1']:.1f} | {m['labeled_fit']['nme']:.2f} "
                      f"| {m['wall_time_s']['total'] / 60:.1f} min (data {m['wall_time_s']['data']:.0f} s) "
-                     f"| `{train_command(m['config'])}` |")
-    by_label = {m["method_label"]: m for _, m in runs}
-    first = runs[0][1]
+                     f"| `{command_line(m['config'])}` |")
+    by_label = {m["method_label"]: m for m in runs}
+    first = runs[0]
     env = first["environment"]
     lines += ["", f"{first['shots']}-shot, {first['dataset']} ({first['train_images']} training and "
               f"{first['test_images']} test images, {first['keypoints']} keypoints), {first['iterations']} "

@@ -37,10 +37,9 @@ def test_main_command_is_the_run_behind_the_demo_results():
     """The README's main job is the command the committed full-method demo result reproduces."""
     import json
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    from readme import train_command
+    from kpfast.train.cli import command_line
 
     main = re.search(r"<!-- main-command -->\n```bash\n(.*?)\n```", README).group(1)
     full = json.loads((ROOT / "docs" / "results" / "demo" / "full" / "metrics.json").read_text())
     assert full["method_label"] == "full"
-    assert main.endswith(train_command(full["config"])), (main, train_command(full["config"]))
+    assert main.endswith(command_line(full["config"])), (main, command_line(full["config"]))

@@ -7,7 +7,11 @@ import sys
 
 import pytest
 
-from kpfast.train.cli import config_from_args, main, parser
+import shlex
+
+from kpfast.train import TrainConfig
+from kpfast.train.cli import command_line, config_from_args, main, parser
+from kpfast.train.config import RUN_FIELDS
 
 
 def _run(args, tmp_path, **kw):
@@ -48,3 +52,19 @@ def test_cli_rejects_bad_arguments(argv, message, capsys):
 def test_cli_options_map_onto_the_config(argv, field, value):
     cfg = config_from_args(parser().parse_args(["--preset", "tiny", "--out", "x", *argv]))
     assert getattr(cfg, field) == value
+
+
+@pytest.mark.parametrize("preset,changes", [
+    ("demo", {}),
+    ("demo", {"method": "supervised", "progress": False}),
+    ("demo", {"without": ("recon", "geo3d"), "lr": 5e-4, "detector_widths": (16, 32, 64), "batch_labeled": 4}),
+    ("paper", {"shots": 5, "w_geo3d": 0.2, "betas": (0.8, 0.9), "dataset": "car", "device": "cpu"}),
+])
+def test_command_line_reproduces_the_config(preset, changes):
+    cfg = TrainConfig.from_preset(preset, out="/somewhere/run-a", **changes)
+    argv = shlex.split(command_line(cfg.to_dict()))
+    assert argv[:3] == ["python", "-m", "kpfast.train"] and argv[-2:] == ["--out", "runs/run-a"]
+    again = config_from_args(parser().parse_args(argv[3:])).to_dict()
+    want = cfg.to_dict()
+    assert {k: v for k, v in again.items() if k not in RUN_FIELDS} == \
+        {k: v for k, v in want.items() if k not in RUN_FIELDS}

@@ -20,7 +20,7 @@ import dataclasses
 import sys
 import typing
 
-from .config import ABLATIONS, METHODS, OPS, PRESETS, TrainConfig
+from .config import ABLATIONS, METHODS, OPS, PRESETS, RUN_FIELDS, TrainConfig
 
 # options that map one to one onto TrainConfig fields
 FIELD_OPTIONS = {
@@ -111,6 +111,34 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.no_progress:
         overrides["progress"] = False
     return TrainConfig.from_preset(args.preset, **overrides)
+
+
+def command_line(config: dict) -> str:
+    """The ``python -m kpfast.train`` line that reproduces a run from its config dict (as in
+    ``metrics.json``): its preset plus the fields that differ from it; run-only fields
+    (progress, logging, devices, ...) are left out, ``--out`` keeps the run folder's name.
+
+    Example:
+        >>> cfg = TrainConfig.from_preset("demo", method="supervised", out="/tmp/x/sup", progress=False)
+        >>> command_line(cfg.to_dict())
+        'python -m kpfast.train --preset demo --method supervised --out runs/sup'
+    """
+    from pathlib import Path
+
+    preset = config.get("preset") or "paper"
+    base = TrainConfig.from_preset(preset).to_dict()
+    args = [f"--preset {preset}"]
+    for name, value in config.items():
+        if name in RUN_FIELDS or base.get(name) == value:
+            continue
+        if name == "without":
+            args += [f"--without {w}" for w in value]
+        elif name in FIELD_OPTIONS:
+            args.append(f"--{name.replace('_', '-')} {value}")
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            args.append(f"--set {name}={text}")
+    return "python -m kpfast.train " + " ".join(args) + f" --out runs/{Path(config['out']).name}"
 
 
 def main(argv=None) -> int:

@@ -22,6 +22,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 METHODS = ("full", "supervised", "autolink-few")
+# fields that change where and how a run reports, not what it computes (a resumed run or a
+# rerun may change them)
+RUN_FIELDS = frozenset({"resume", "progress", "out", "checkpoint_every", "log_every", "image_every", "eval_batch",
+                        "device", "cache_dir", "preset"})
 ABLATIONS = ("recon", "geo2d", "geo3d", "uncertainty", "kmeans")
 OPS = ("fused", "reference")
 LR_SCHEDULES = ("constant", "cosine")

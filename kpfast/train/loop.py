@@ -26,15 +26,12 @@ from ..evaluate import evaluate
 from ..models import FewShotKeypointModel, build_perceptual_loss
 from .checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, MODEL_NAME, atomic_save, global_rng_state, load_checkpoint,
                          set_global_rng_state)
-from .config import TrainConfig
+from .config import RUN_FIELDS, TrainConfig
 from .data import BatchStream, TrainingData, fetch, open_training_data
 from .distributed import World, setup
 from .objective import Objective
 from .run_log import RunLog
 
-# fields that may differ between an interrupted run and its resumption
-RESUMABLE_CHANGES = {"resume", "progress", "out", "checkpoint_every", "log_every", "image_every", "eval_batch",
-                     "device", "cache_dir", "preset"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,6 +94,7 @@ class Trainer:
         self.unlabeled = BatchStream(range(len(self.data.train)), max(self.unlabeled_batch, 1), seed=cfg.seed + 1,
                                      rank=self.world.rank, world_size=self.world.size)
         self.labeled = BatchStream(self.data.labeled, cfg.labeled_batch, seed=cfg.seed + 2)
+        self.backend = "reference" if cfg.ops == "reference" else "auto"
         self.step = 0
         self.resumed_from: Optional[int] = None
         if cfg.resume:
@@ -149,7 +147,7 @@ class Trainer:
         ckpt = load_checkpoint(path, map_location=self.device)
         old = TrainConfig.from_dict(ckpt["config"]).to_dict()
         new = self.cfg.to_dict()
-        changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
+        changed = sorted(k for k in new if k not in RUN_FIELDS and old.get(k) != new[k])
         if changed:
             raise ValueError(f"cannot resume {path}: the config differs in {changed} "
                              f"({', '.join(f'{k}: {old.get(k)!r} -> {new[k]!r}' for k in changed)})")
@@ -213,13 +211,12 @@ class Trainer:
     # -- the run ---------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
-        ops = "reference" if cfg.ops == "reference" else "auto"
         log = RunLog(self.out, total=cfg.iterations, start_step=self.step, every=cfg.log_every,
                      progress=cfg.progress, enabled=self.world.is_main)
         t_train = time.perf_counter()
         first_step = self.step
         try:
-            with backend.use_backend(ops):
+            with backend.use_backend(self.backend):
                 while self.step < cfg.iterations:
                     scalars = self.train_step(self.step)
                     self.step += 1
@@ -301,7 +298,7 @@ class Trainer:
         g = torch.Generator().manual_seed(0)  # pictures never touch the run's random stream
         masked = patch_mask(images, self.objective.patch, self.cfg.mask_ratio, generator=g)[0] \
             if self.model.unet is not None else None
-        with backend.use_backend("reference" if self.cfg.ops == "reference" else "auto"):
+        with backend.use_backend(self.backend):
             out = self.model(images, masked=masked, use_uncertainty=self.cfg.uses("uncertainty"))
         det = out["detections"]
         viz.save(viz.prediction_sheet(images.cpu(), det.keypoints.cpu(), self.meta,
