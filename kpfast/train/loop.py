@@ -246,6 +246,9 @@ class Trainer:
                                 f"({metrics['wall_time_s']['total']:.0f} s)" + (f"; wrote {self.out}" if self.out else ""))
                     log.scalars("test", {"nme": test["nme"], "pck@0.1": test["pck@0.1"]}, self.step)
                 metrics = self.world.broadcast(metrics)
+                # no rank tears the process group down while another still has a collective in
+                # flight (gloo aborted rank 0 at exit: "terminate called without an active exception")
+                self.world.barrier()
         finally:
             log.close()
             self.world.close()
