@@ -22,6 +22,7 @@ from kpfast.data.skeletons import face68_meta
 from kpfast.models import build_perceptual_loss
 from kpfast.train import TrainConfig, build_model
 from kpfast.train.objective import Objective
+from kpfast.train.streams import RandomStreams
 
 from common import Case
 
@@ -57,11 +58,11 @@ def _case(cfg: TrainConfig, unlabeled: int, labeled: int, name: str) -> Case:
         # parameters listed as inputs: their gradients are reset between repetitions and
         # they do not count as memory kept for backward
         params = {f"param{i}": p for i, p in enumerate(model.parameters())}
-        return {"model": model, "objective": objective, "batch": batch, "generator": torch.Generator().manual_seed(1),
+        return {"model": model, "objective": objective, "batch": batch, "streams": RandomStreams(1),
                 **params}
 
     def step(x):
-        terms, _ = x["objective"](x["model"], x["batch"], cfg.iterations // 2, x["generator"])
+        terms, _ = x["objective"](x["model"], x["batch"], cfg.iterations // 2, x["streams"])
         return x["objective"].total(terms)
 
     def fused(x):

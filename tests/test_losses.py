@@ -3,8 +3,11 @@
 import math
 import random
 
+import pytest
 import torch
 import torch.nn.functional as F
+
+import kpfast
 
 from kpfast.data.transforms import TransformRanges, sample_transform
 from kpfast.losses import (choose_partners, equivariance_loss, few_shot_loss, masked_keypoint_l1, part_geometry_loss,
@@ -100,6 +103,37 @@ def test_part_geometry_loss_is_zero_for_similar_transforms_of_one_shape():
     loss = part_geometry_loss(bent, parts, w, random_partners=False)
     loss.backward()
     assert loss.item() > 1e-3 and bent.grad.abs().sum() > 0, f"seed {seed}"
+
+
+def test_part_geometry_loss_is_a_per_coordinate_mean_whatever_the_number_of_parts():
+    """The 3D term is a mean absolute residual per coordinate, weighted-averaged over parts:
+    on the scale of the few-shot and 2D losses, so that its weight 0.1 means what it says."""
+    gen = torch.Generator().manual_seed(11)
+    B, K = 4, 10
+    pts = torch.randn(B, K, 3, generator=gen, dtype=torch.float64)
+    parts = torch.zeros(2, K, dtype=torch.bool)
+    parts[0, :5], parts[1] = True, True
+    w = torch.tensor([1.0, 0.1], dtype=torch.float64)
+    loss = part_geometry_loss(pts, parts, w, random_partners=False)
+    # the literal per-coordinate mean, fit by fit with kpfast.umeyama
+    expected = torch.zeros((), dtype=torch.float64)
+    for p in range(2):
+        idx = parts[p].nonzero().squeeze(1)
+        best = []
+        for i in range(B):
+            res = []
+            for c in range(B):
+                if c != i:
+                    R, s, t = kpfast.umeyama(pts[c, idx], pts[i, idx])
+                    res.append((pts[i, idx] - (s * pts[c, idx] @ R.T + t)).abs().mean())
+            best.append(torch.stack(res).min())
+        expected = expected + w[p] * torch.stack(best).mean()
+    torch.testing.assert_close(loss, expected / w.sum())
+    # eight copies of the parts, or weights scaled by 7: the same loss
+    torch.testing.assert_close(part_geometry_loss(pts, parts.repeat(8, 1), w.repeat(8), random_partners=False), loss)
+    torch.testing.assert_close(part_geometry_loss(pts, parts, 7 * w, random_partners=False), loss)
+    with pytest.raises(ValueError, match="part_weights"):
+        part_geometry_loss(pts, parts, torch.zeros(2), random_partners=False)
 
 
 def test_partners_are_never_the_sample_itself_and_minimize_when_asked():

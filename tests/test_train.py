@@ -92,7 +92,8 @@ def test_resume_continues_bit_for_bit(cache, tmp_path, monkeypatch):
     for (ka, sa), (kb, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
         for name in sa:
             assert torch.equal(torch.as_tensor(sa[name]), torch.as_tensor(sb[name])), f"optimizer {ka}.{name}"
-    assert torch.equal(a["rng"][0]["generator"], b["rng"][0]["generator"])
+    for name, state in a["rng"][0]["streams"].items():
+        assert torch.equal(state, b["rng"][0]["streams"][name]), f"random stream {name}"
     rows_a, rows_b = _rows(straight), _rows(interrupted)
     assert [r["step"] for r in rows_b] == [str(i) for i in range(1, 7)]
     assert rows_a == rows_b, "the resumed run logs exactly what the straight run logged"
@@ -128,10 +129,13 @@ def test_a_non_finite_loss_stops_the_run_naming_term_and_step(cache, tmp_path, m
 ])
 def test_methods_and_ablations_train_the_right_terms(cache, tmp_path, method, without):
     metrics = kpfast.train(tiny(cache, tmp_path, iterations=2, method=method, without=without))
-    terms = set(_rows(tmp_path)[0]) - {"step", "total", "strength", "lr"}
+    row = _rows(tmp_path)[0]
+    diagnostics = {k for k in row if k.startswith(("grad_", "align_"))} | {"certainty", "depth_corr", "alpha", "sigma2"}
+    terms = set(row) - {"step", "total", "strength", "lr"} - diagnostics
     expected = {"supervised": {"few_shot"}, "autolink-few": {"few_shot", "recon"},
                 "full": {"few_shot", "recon", "geo2d", "geo3d", "smooth"} - set(without)}[method]
     assert terms == expected
+    assert {k[len("grad_"):] for k in row if k.startswith("grad_")} == expected, "one gradient diagnostic per term"
     assert metrics["method"] == method and metrics["without"] == list(without)
     assert metrics["few_shot_selection"].startswith("random" if "kmeans" in without else "k-means")
     assert (tmp_path / "reconstructions.png").exists() == ("recon" in expected)

@@ -25,7 +25,7 @@ METHODS = ("full", "supervised", "autolink-few")
 # fields that change where and how a run reports, not what it computes (a resumed run or a
 # rerun may change them)
 RUN_FIELDS = frozenset({"resume", "progress", "out", "checkpoint_every", "log_every", "image_every", "eval_batch",
-                        "device", "cache_dir", "preset"})
+                        "device", "cache_dir", "preset", "diagnostics_every"})
 ABLATIONS = ("recon", "geo2d", "geo3d", "uncertainty", "kmeans")
 OPS = ("fused", "reference")
 LR_SCHEDULES = ("constant", "cosine")
@@ -57,7 +57,8 @@ class TrainConfig:
     to rounding).
 
     Run: ``seed``, ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``), ``out``,
-    ``checkpoint_every``, ``log_every``, ``image_every`` (PNG snapshots; 0 = only
+    ``checkpoint_every``, ``log_every``, ``diagnostics_every`` (per-term gradient
+    diagnostics, see :mod:`kpfast.train.diagnostics`; None = ``log_every``, 0 = off), ``image_every`` (PNG snapshots; 0 = only
     at the end), ``eval_batch``, ``progress``, ``resume``.
     """
 
@@ -104,6 +105,7 @@ class TrainConfig:
     out: Optional[str] = None
     checkpoint_every: int = 500
     log_every: int = 10
+    diagnostics_every: Optional[int] = None
     image_every: int = 0
     eval_batch: int = 64
     progress: bool = True
@@ -127,6 +129,12 @@ class TrainConfig:
         if self.lr_schedule == "cosine":
             return self.lr * 0.5 * (1 + math.cos(math.pi * min(step, self.iterations) / self.iterations))
         return self.lr
+
+    @property
+    def diagnostics_interval(self) -> int:
+        """Steps between diagnostics rows (:mod:`kpfast.train.diagnostics`): ``diagnostics_every``,
+        ``log_every`` when None, never when 0."""
+        return self.log_every if self.diagnostics_every is None else self.diagnostics_every
 
     @property
     def ramp_length(self) -> int:
@@ -196,6 +204,10 @@ class TrainConfig:
             bad(f"norm must be 'batch', 'group' or 'none', got {self.norm!r}")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.image_every < 0:
             bad("checkpoint_every and log_every must be >= 1, image_every >= 0")
+        if self.diagnostics_every is not None and (self.diagnostics_every < 0 or
+                                                   self.diagnostics_every % self.log_every):
+            bad(f"diagnostics_every must be 0 (off) or a multiple of log_every ({self.log_every}), "
+                f"got {self.diagnostics_every}")
         if self.lr <= 0 or len(self.betas) != 2:
             bad(f"lr must be > 0 and betas a pair, got lr={self.lr}, betas={self.betas}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

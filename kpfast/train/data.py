@@ -11,6 +11,7 @@ from ..data import KeypointMeta, collate_samples, open_dataset
 from ..data.few_shot import select_few_shot
 from .config import TrainConfig
 from .distributed import World
+from .streams import stream_seed
 
 
 @dataclass
@@ -57,10 +58,11 @@ def select_labeled(train, cfg: TrainConfig, *, progress: bool = False) -> tuple[
     if cfg.shots > len(train):
         raise ValueError(f"shots={cfg.shots} but the training split has only {len(train)} images")
     if cfg.uses("kmeans"):
-        idx, info = select_few_shot(train, cfg.shots, features=cfg.few_shot_features, seed=cfg.seed,
+        idx, info = select_few_shot(train, cfg.shots, features=cfg.few_shot_features,
+                                    seed=stream_seed(cfg.seed, "selection"),
                                     progress=progress, return_info=True)
         return [int(i) for i in idx], f"k-means over {info['features']}"
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(stream_seed(cfg.seed, "selection"))
     return torch.randperm(len(train), generator=g)[:cfg.shots].tolist(), f"random (seed {cfg.seed})"
 
 
@@ -89,7 +91,7 @@ class BatchStream:
         self._shard = self._make_shard()
 
     def _make_shard(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2 ** 63)
         perm = self.indices[torch.randperm(len(self.indices), generator=g)]
         usable = len(perm) - len(perm) % self.world_size
         return perm[:usable][self.rank::self.world_size]

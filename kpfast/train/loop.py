@@ -27,10 +27,12 @@ from ..models import FewShotKeypointModel, build_perceptual_loss
 from .checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, MODEL_NAME, atomic_save, global_rng_state, load_checkpoint,
                          set_global_rng_state)
 from .config import RUN_FIELDS, TrainConfig
+from .diagnostics import depth_correlation, term_gradients
 from .data import BatchStream, TrainingData, fetch, open_training_data
 from .distributed import World, setup
 from .objective import Objective
 from .run_log import RunLog
+from .streams import RandomStreams, stream_seed
 
 
 
@@ -80,20 +82,22 @@ class Trainer:
         self.meta = self.data.meta
         self.device = self.world.device
 
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = build_model(cfg, self.meta).to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stream_seed(cfg.seed, "init"))  # identical initial weights on every rank
+            self.model = build_model(cfg, self.meta).to(self.device)
         self.perceptual = build_perceptual_loss(cfg.perceptual) if cfg.uses("recon") else None
         if self.perceptual is not None:
             self.perceptual.to(self.device)
         self.objective = Objective(cfg, self.meta, self.perceptual)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas)
 
-        # the run's random stream (transforms, masks, partners): one per rank
-        self.generator = torch.Generator().manual_seed(cfg.seed * 7919 + 104729 * self.world.rank + 1)
+        # one generator per kind of draw (transforms, masks, partners), per rank: see streams.py
+        self.streams = RandomStreams(cfg.seed, self.world.rank)
         self.unlabeled_batch = 0 if cfg.method == "supervised" else cfg.batch_unlabeled
-        self.unlabeled = BatchStream(range(len(self.data.train)), max(self.unlabeled_batch, 1), seed=cfg.seed + 1,
-                                     rank=self.world.rank, world_size=self.world.size)
-        self.labeled = BatchStream(self.data.labeled, cfg.labeled_batch, seed=cfg.seed + 2)
+        self.unlabeled = BatchStream(range(len(self.data.train)), max(self.unlabeled_batch, 1),
+                                     seed=stream_seed(cfg.seed, "unlabeled"), rank=self.world.rank,
+                                     world_size=self.world.size)
+        self.labeled = BatchStream(self.data.labeled, cfg.labeled_batch, seed=stream_seed(cfg.seed, "labeled"))
         self.backend = "reference" if cfg.ops == "reference" else "auto"
         self.step = 0
         self.resumed_from: Optional[int] = None
@@ -119,7 +123,7 @@ class Trainer:
 
     def state(self) -> dict:
         """Everything needed to continue bit for bit (collective under DDP: call on every rank)."""
-        rng = {"generator": self.generator.get_state(), "global": global_rng_state(),
+        rng = {"streams": self.streams.state_dict(), "global": global_rng_state(),
                "unlabeled": self.unlabeled.state_dict()}
         return {
             "format": "kpfast", "version": FORMAT_VERSION, "kind": "training",
@@ -160,7 +164,7 @@ class Trainer:
         self.resumed_from = self.step
         if ckpt["world_size"] == self.world.size:
             rng = ckpt["rng"][self.world.rank]
-            self.generator.set_state(rng["generator"].cpu())
+            self.streams.load_state_dict(rng["streams"])
             set_global_rng_state(rng["global"])
             self.unlabeled.load_state_dict(rng["unlabeled"])
         elif self.world.is_main:
@@ -169,16 +173,22 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------
     def next_batch(self) -> dict:
+        """``images`` (``U`` unlabelled, then ``L`` labelled), the labelled images' keypoints and
+        mask, and ``truth``: every image's annotation, read only by the diagnostics."""
         lab = fetch(self.data.train, self.labeled.next(), self.device)
-        images = lab["image"]
+        parts = [lab]
         if self.unlabeled_batch:
-            unl = fetch(self.data.train, self.unlabeled.next(), self.device)
-            images = torch.cat([unl["image"], images])
-        return {"images": images, "labeled_keypoints": lab["keypoints"], "labeled_mask": lab["labeled"]}
+            parts.insert(0, fetch(self.data.train, self.unlabeled.next(), self.device))
+        cat = lambda key: torch.cat([p[key] for p in parts])  # noqa: E731
+        truth = {"keypoints": cat("keypoints"), "labeled": cat("labeled"), "depth": cat("depth"),
+                 "unlabeled": torch.arange(len(cat("labeled")), device=self.device) < (len(parts) - 1) * len(
+                     parts[0]["labeled"])}
+        return {"images": cat("image"), "labeled_keypoints": lab["keypoints"], "labeled_mask": lab["labeled"],
+                "truth": truth}
 
     def compute_losses(self, batch: dict, step: int) -> tuple[dict, dict]:
         """The unweighted loss terms of ``step`` and the model outputs (see :class:`Objective`)."""
-        return self.objective(self.ddp_model, batch, step, self.generator)
+        return self.objective(self.ddp_model, batch, step, self.streams)
 
     def check_finite(self, terms: dict, step: int) -> None:
         """Raise :class:`NonFiniteLossError` (on every rank) if any term is NaN or infinite."""
@@ -190,12 +200,30 @@ class Trainer:
         names = ", ".join(f"'{k}' = {v}" for k, v in bad.items()) or "a term on another process"
         raise NonFiniteLossError(f"non-finite loss at step {step + 1}: {names}; training stopped{where}")
 
+    def diagnose(self, terms: dict, out: dict, batch: dict) -> dict:
+        """The scalars of :mod:`kpfast.train.diagnostics` for this step (before its backward)."""
+        det, truth = out["detections"], batch["truth"]
+        unlabeled_known = truth["labeled"] & truth["unlabeled"][:, None]
+        scalars = term_gradients(terms, self.objective.weights, det.keypoints, truth["keypoints"], unlabeled_known)
+        scalars["certainty"] = float(torch.sigmoid(det.uncertainty.detach()).mean())
+        scalars["depth_corr"] = depth_correlation(det.depth, truth["depth"], truth["labeled"])
+        if self.model.edge_map is not None:
+            scalars["alpha"] = float(self.model.edge_map.alpha.detach().mean())
+            scalars["sigma2"] = float(self.model.edge_map.sigma2.detach())
+        return scalars
+
+    def diagnoses(self, step: int) -> bool:
+        """Whether (0-based) ``step`` logs diagnostics: every ``diagnostics_every`` steps, single process."""
+        every = self.cfg.diagnostics_interval
+        return bool(every) and (step + 1) % every == 0 and not self.world.distributed
+
     def train_step(self, step: int) -> dict:
         """One optimizer step; returns the logged scalars."""
         self.model.train()
         batch = self.next_batch()
-        terms, _ = self.compute_losses(batch, step)
+        terms, out = self.compute_losses(batch, step)
         self.check_finite(terms, step)
+        diagnostics = self.diagnose(terms, out, batch) if self.diagnoses(step) else {}
         total = self.objective.total(terms)
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr_at(step)
@@ -206,13 +234,14 @@ class Trainer:
         scalars["total"] = float(total.detach())
         scalars["strength"] = self.objective.strength(step) if self.objective.active["geo2d"] else 0.0
         scalars["lr"] = self.cfg.lr_at(step)
+        scalars.update(diagnostics)
         return scalars
 
     # -- the run ---------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
         log = RunLog(self.out, total=cfg.iterations, start_step=self.step, every=cfg.log_every,
-                     progress=cfg.progress, enabled=self.world.is_main)
+                     progress=cfg.progress, enabled=self.world.is_main, bar_keys={*self.objective.weights, "total"})
         t_train = time.perf_counter()
         first_step = self.step
         try:

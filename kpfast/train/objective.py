@@ -18,8 +18,10 @@ images:
   L1 + perceptual;
 - ``smooth``: the face jaw/nose penalty (faces only: metas with a ``contour``/``jaw`` part).
 
-Random draws (transforms, masks, partners) come from the run's generator, in a
-fixed order, so a resumed run draws exactly what the uninterrupted one would.
+Random draws come from the run's independent streams (:mod:`kpfast.train.streams`):
+transforms, masks and partners each from their own generator, so switching one
+term off leaves the others' draws unchanged, and a resumed run draws exactly what
+the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ..losses import (SMOOTH_PARTS, equivariance_loss, few_shot_loss, part_geome
                       smoothness_loss, smoothness_triples)
 from ..models import PerceptualLoss, patch_mask, patch_size_for
 from .config import TrainConfig
+from .streams import RandomStreams
 
 TERMS = ("few_shot", "recon", "geo2d", "geo3d", "smooth")
 
@@ -42,7 +45,7 @@ TERMS = ("few_shot", "recon", "geo2d", "geo3d", "smooth")
 class Objective:
     """Computes the weighted loss terms of one step (see the module docstring).
 
-    Call with ``(model, batch, step, generator)`` where ``batch`` holds
+    Call with ``(model, batch, step, streams)`` (a :class:`RandomStreams`) where ``batch`` holds
     ``images [U + L, 3, S, S]``, ``labeled_keypoints [L, K, 2]`` and
     ``labeled_mask [L, K]``. Returns ``(terms, outputs)``: the unweighted scalar terms
     by name, and the model outputs plus the masked images (for pictures).
@@ -71,17 +74,17 @@ class Objective:
         """``sum_t weight_t * term_t``."""
         return sum(self.weights[k] * v for k, v in terms.items())
 
-    def __call__(self, model, batch: dict, step: int, generator: torch.Generator) -> tuple[dict, dict]:
+    def __call__(self, model, batch: dict, step: int, streams: RandomStreams) -> tuple[dict, dict]:
         cfg = self.cfg
         images = batch["images"]
         B, L = images.shape[0], batch["labeled_keypoints"].shape[0]
         transform = transformed = masked = None
         if self.active["geo2d"]:
-            transform = sample_transform(B, self.strength(step), size=tuple(images.shape[-2:]), generator=generator,
+            transform = sample_transform(B, self.strength(step), size=tuple(images.shape[-2:]), generator=streams["transforms"],
                                          device=images.device)
             transformed = transform.apply_images(images)
         if self.active["recon"]:
-            masked, _ = patch_mask(images, self.patch, cfg.mask_ratio, generator=generator)
+            masked, _ = patch_mask(images, self.patch, cfg.mask_ratio, generator=streams["masks"])
         out = model(images, transformed=transformed, masked=masked, use_uncertainty=cfg.uses("uncertainty"))
         det = out["detections"]
         terms = {"few_shot": few_shot_loss(det.keypoints[B - L:], batch["labeled_keypoints"], batch["labeled_mask"])}
@@ -95,7 +98,7 @@ class Objective:
         if self.active["geo3d"]:
             terms["geo3d"] = part_geometry_loss(det.points3d, self.parts, self.part_weights,
                                                 random_partners=step < cfg.random_partner_iterations,
-                                                generator=generator)
+                                                generator=streams["partners"])
         if self.active["smooth"]:
             terms["smooth"] = smoothness_loss(det.keypoints, self.triples)
         out["masked"] = masked

@@ -19,8 +19,9 @@ class RunLog:
     """
 
     def __init__(self, out: Optional[Path], *, total: int, start_step: int = 0, every: int = 10,
-                 progress: bool = True, enabled: bool = True):
+                 progress: bool = True, enabled: bool = True, bar_keys: Optional[set] = None):
         self.enabled, self.every = enabled, every
+        self.bar_keys = bar_keys
         self.out = out
         self.columns: Optional[list[str]] = None
         self.running: dict[str, float] = {}
@@ -69,12 +70,19 @@ class RunLog:
         if self.bar is not None:
             self.bar.update(1)
             if step % self.every == 0 or step == 1:
-                shown = {k: f"{v:.3g}" for k, v in self.running.items() if k not in ("strength", "lr")}
+                shown = {k: f"{v:.3g}" for k, v in self.running.items()
+                         if (k in self.bar_keys if self.bar_keys is not None else k not in ("strength", "lr"))}
                 self.bar.set_postfix(shown, refresh=False)
         if step % self.every == 0 and self.out is not None:
             row = {"step": step, **{k: f"{v:.6g}" for k, v in scalars.items()}}
             if self.columns is None:
                 self.columns = list(row)
+            new = [k for k in row if k not in self.columns]
+            if new:  # a scalar logged for the first time (e.g. sparser diagnostics): widen the file
+                with open(self.csv_path, newline="") as f:
+                    old = list(csv.DictReader(f))
+                self.columns += new
+                self._write_rows([{k: r.get(k, "") for k in self.columns} for r in old], mode="w")
             self._write_rows([{k: row.get(k, "") for k in self.columns}])
             if self.tb is not None:
                 for k, v in scalars.items():
