@@ -101,3 +101,43 @@ def test_pck_threshold_is_a_share_of_the_box(threshold):
     ones = torch.ones(1, 3, dtype=torch.bool)
     acc.add(pred, gt, ones, ones, BOX)
     assert acc.result()[f"pck@{threshold:g}"] == (100.0 if threshold > 0.1 else 0.0)
+
+
+def test_spread_reports_collapse_that_nme_hides():
+    gt = _gt()
+    ones = torch.ones(1, 3, dtype=torch.bool)
+    centroid = gt.mean(1, keepdim=True)
+    for pred, expected in ((gt, 1.0), (centroid + 0.5 * (gt - centroid), 0.5), (centroid.expand_as(gt), 0.0)):
+        acc = MetricAccumulator(META)
+        acc.add(pred, gt, ones, ones, BOX)
+        assert acc.result()["spread"] == pytest.approx(expected, abs=1e-6)
+
+
+class _Shapes(torch.utils.data.Dataset):
+    """Samples whose keypoints are given shapes (for image-blind baselines)."""
+
+    meta = META
+
+    def __init__(self, shapes):
+        self.shapes = shapes
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def __getitem__(self, i):
+        k = self.shapes[i].float()
+        return {"image": torch.zeros(3, 4, 4), "keypoints": k, "labeled": torch.ones(3, dtype=torch.bool),
+                "visible": torch.ones(3, dtype=torch.bool), "bbox": BOX[0], "index": i}
+
+
+def test_shape_baselines_score_the_mean_shape_and_its_oracle_placement():
+    from kpfast.evaluate import shape_baselines
+
+    base = _gt()[0]
+    angle = torch.tensor(0.4)
+    rot = torch.stack([torch.stack([angle.cos(), -angle.sin()]), torch.stack([angle.sin(), angle.cos()])])
+    test = _Shapes([base, 0.7 * base @ rot.T + torch.tensor([0.1, -0.2])])  # similar copies of the shape
+    r = shape_baselines(_Shapes([base, base]), [0, 1], test)
+    assert r["fitted_mean_shape"]["nme"] == pytest.approx(0.0, abs=1e-4)
+    assert r["mean_shape"]["nme"] > 10.0  # the second test shape is moved, turned and shrunk
+    assert r["fitted_mean_shape"]["spread"] == pytest.approx(1.0, abs=1e-6)

@@ -102,9 +102,10 @@ def test_patch_mask_masks_exactly_the_requested_share_of_whole_patches():
     p = patch_size_for(S)
     images = torch.rand(5, 3, S, S, generator=gen) + 0.1
     masked, keep = patch_mask(images, p, 0.9, generator=gen)
-    grid = keep[:, 0].unfold(1, p, p).unfold(2, p, p)  # [B, 8, 8, p, p]
+    grid = keep[:, 0].unfold(1, p, p).unfold(2, p, p)  # [B, 16, 16, p, p]
+    assert grid.shape[1:3] == (16, 16), "the paper's 16x16 patch grid"
     assert torch.equal(grid.amin((-1, -2)), grid.amax((-1, -2))), "a patch is kept or masked as a whole"
-    assert (grid[..., 0, 0].sum((-1, -2)) == round(0.1 * 64)).all(), f"seed {seed}"
+    assert (grid[..., 0, 0].sum((-1, -2)) == round(0.1 * 256)).all(), f"seed {seed}"
     assert torch.equal(masked, images * keep)
     assert not torch.equal(keep[0], keep[1]), f"seed {seed}: masks differ between images"
 

@@ -8,12 +8,16 @@ import torch
 from torch import Tensor
 
 
-def patch_size_for(image_size: int, patches_per_side: int = 8) -> int:
-    """The paper's 16x16 patches at 128 px are an 8x8 grid: keep that grid at any size.
+def patch_size_for(image_size: int, patches_per_side: int = 16) -> int:
+    """Side of a mask patch for a ``patches_per_side`` x ``patches_per_side`` grid.
+
+    The paper "divide[s] the image into 16x16 patches"; AutoLink's code and a public
+    re-implementation of the paper both mask cells of a 16x16 grid (8 px at 128 px),
+    which is the reading kpfast follows.
 
     Example:
-        >>> patch_size_for(128), patch_size_for(64)
-        (16, 8)
+        >>> patch_size_for(128), patch_size_for(64), patch_size_for(64, 8)
+        (8, 4, 8)
     """
     if image_size % patches_per_side:
         raise ValueError(f"image_size {image_size} is not divisible into {patches_per_side} patches per side")

@@ -50,7 +50,9 @@ class TrainConfig:
     runs), ``betas``, loss weights ``w_*``,
     ``whole_object_weight`` (the whole object's weight in the 3D loss, user parts
     weigh 1), ``random_partner_iterations``, ``ramp_iterations`` (2D transform ramp
-    length; None = ``iterations``), ``mask_ratio``, ``depth_scale``.
+    length; None = ``iterations``), ``mask_ratio`` (share of the ``mask_grid`` x ``mask_grid``
+    patches masked), ``depth_scale``, ``edge_lr_scale`` (learning-rate multiplier of the
+    edge map's thickness and strength parameters).
 
     Networks: ``detector_widths``, ``detector_up_widths``, ``unet_widths``, ``norm``,
     ``channels_last`` (NHWC convolutions: about 30 % faster on CPU, same results up
@@ -92,7 +94,9 @@ class TrainConfig:
     random_partner_iterations: int = 200
     ramp_iterations: Optional[int] = None
     mask_ratio: float = 0.9
+    mask_grid: int = 16
     depth_scale: float = 20.0
+    edge_lr_scale: float = 1.0
     # networks
     detector_widths: tuple = (64, 128, 256, 512)
     detector_up_widths: tuple = (256, 256)
@@ -191,11 +195,14 @@ class TrainConfig:
         if self.labeled_batch > self.shots:
             bad(f"batch_labeled {self.labeled_batch} exceeds shots {self.shots}")
         levels = max(len(self.detector_widths), len(self.unet_widths) - 1)
-        if self.image_size % 8 or self.image_size % 2 ** levels:
-            bad(f"image_size {self.image_size} must be divisible by 8 (the 8x8 mask grid) and by 2**{levels} "
-                f"(the network depth)")
+        if self.image_size % 2 ** levels:
+            bad(f"image_size {self.image_size} must be divisible by 2**{levels} (the network depth)")
         if len(self.detector_up_widths) > len(self.detector_widths):
             bad("detector_up_widths cannot have more blocks than detector_widths (heatmaps larger than the image)")
+        if self.mask_grid < 1 or self.image_size % self.mask_grid:
+            bad(f"mask_grid must divide image_size {self.image_size}, got {self.mask_grid}")
+        if not self.edge_lr_scale > 0 or not math.isfinite(self.edge_lr_scale):
+            bad(f"edge_lr_scale must be a positive number, got {self.edge_lr_scale}")
         if not 0 <= self.mask_ratio <= 1:
             bad(f"mask_ratio must be in [0, 1], got {self.mask_ratio}")
         if self.lr_schedule not in LR_SCHEDULES:

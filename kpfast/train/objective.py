@@ -13,7 +13,7 @@ images:
   (``whole_object_weight``), random partners for the first
   ``random_partner_iterations`` steps, then the minimizing partner, transform
   detached (:func:`kpfast.part_alignment`);
-- ``recon`` (Eq. 9): 90 % of the 8x8 patch grid masked, edge map (with the
+- ``recon`` (Eq. 9): 90 % of the 16x16 patch grid masked, edge map (with the
   uncertainty readout unless ``--without uncertainty``) + masked image -> UNet;
   L1 + perceptual;
 - ``smooth``: the face jaw/nose penalty (faces only: metas with a ``contour``/``jaw`` part).
@@ -63,7 +63,7 @@ class Objective:
         self.active["smooth"] = cfg.uses("smooth") and is_face and len(self.triples) > 0
         self.parts = meta.part_mask(include_whole=True)
         self.part_weights = torch.tensor([1.0] * len(meta.parts) + [cfg.whole_object_weight if meta.parts else 1.0])
-        self.patch = patch_size_for(cfg.image_size)
+        self.patch = patch_size_for(cfg.image_size, cfg.mask_grid)
         self.perceptual = perceptual
 
     def strength(self, step: int) -> float:
