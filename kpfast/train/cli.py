@@ -95,15 +95,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`TrainConfig` the parsed command line describes."""
-    overrides = {name: getattr(args, name) for name in FIELD_OPTIONS if getattr(args, name) is not None}
-    for item in args.set:
+def parse_settings(items) -> dict:
+    """``["lr=3e-4", "unet_widths=16,32"]`` (``--set`` values) -> typed TrainConfig overrides."""
+    overrides = {}
+    for item in items:
         name, sep, value = item.partition("=")
         if not sep or name not in _field_types():
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of "
                              f"{sorted(_field_types())}")
         overrides[name] = _parse_value(name, value)
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` the parsed command line describes."""
+    overrides = {name: getattr(args, name) for name in FIELD_OPTIONS if getattr(args, name) is not None}
+    overrides.update(parse_settings(args.set))
     if args.without:
         overrides["without"] = tuple(args.without)
     overrides["out"] = args.out
@@ -113,10 +120,34 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_preset(args.preset, **overrides)
 
 
+def argv_for(config: dict) -> list[str]:
+    """The ``python -m kpfast.train`` arguments that reproduce a run from its config dict (as in
+    ``metrics.json``): its preset plus the fields that differ from it, and ``--out``; run-only
+    fields (progress, logging, devices, ...) are left out.
+
+    Example:
+        >>> argv_for(TrainConfig.from_preset("demo", seed=3, out="runs/x").to_dict())
+        ['--preset', 'demo', '--seed', '3', '--out', 'runs/x']
+    """
+    preset = config.get("preset") or "paper"
+    base = TrainConfig.from_preset(preset).to_dict()
+    args = ["--preset", preset]
+    for name, value in config.items():
+        if name in RUN_FIELDS or base.get(name) == value:
+            continue
+        if name == "without":
+            for w in value:
+                args += ["--without", w]
+        elif name in FIELD_OPTIONS:
+            args += [f"--{name.replace('_', '-')}", str(value)]
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            args += ["--set", f"{name}={text}"]
+    return args + ["--out", str(config["out"])]
+
+
 def command_line(config: dict) -> str:
-    """The ``python -m kpfast.train`` line that reproduces a run from its config dict (as in
-    ``metrics.json``): its preset plus the fields that differ from it; run-only fields
-    (progress, logging, devices, ...) are left out, ``--out`` keeps the run folder's name.
+    """:func:`argv_for` as one line, with ``--out`` kept to the run folder's name under ``runs/``.
 
     Example:
         >>> cfg = TrainConfig.from_preset("demo", method="supervised", out="/tmp/x/sup", progress=False)
@@ -125,20 +156,8 @@ def command_line(config: dict) -> str:
     """
     from pathlib import Path
 
-    preset = config.get("preset") or "paper"
-    base = TrainConfig.from_preset(preset).to_dict()
-    args = [f"--preset {preset}"]
-    for name, value in config.items():
-        if name in RUN_FIELDS or base.get(name) == value:
-            continue
-        if name == "without":
-            args += [f"--without {w}" for w in value]
-        elif name in FIELD_OPTIONS:
-            args.append(f"--{name.replace('_', '-')} {value}")
-        else:
-            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-            args.append(f"--set {name}={text}")
-    return "python -m kpfast.train " + " ".join(args) + f" --out runs/{Path(config['out']).name}"
+    args = argv_for({**config, "out": f"runs/{Path(config['out']).name}"})
+    return "python -m kpfast.train " + " ".join(args)
 
 
 def main(argv=None) -> int:

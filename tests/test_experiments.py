@@ -1,0 +1,60 @@
+"""The experiment runner: a grid runs once, resumes, skips what is finished, and summarizes over seeds."""
+
+import json
+import statistics
+
+import pytest
+
+from kpfast import experiments
+
+
+def _grid(tmp_path, cache):
+    grid = {"name": "toy", "preset": "tiny", "datasets": ["face"], "seeds": [1, 2],
+            "set": {"iterations": 2, "cache_dir": cache},
+            "arms": [{"label": "full"}, {"label": "supervised", "method": "supervised"}]}
+    path = tmp_path / "results" / "grid.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(grid))
+    return path
+
+
+def test_a_grid_runs_skips_finished_runs_and_summarizes_over_seeds(tmp_path, capsys):
+    path = _grid(tmp_path, str(tmp_path / "cache"))
+    args = [str(path), "--runs", str(tmp_path / "runs"), "--jobs", "2", "--no-progress"]
+    assert experiments.main(args) == 0
+    out = capsys.readouterr().out
+    assert "4 runs, 0 finished, 4 to train" in out
+    summary = json.loads((path.parent / "summary.json").read_text())
+    arms = {a["label"]: a for a in summary["datasets"]["face"]["arms"]}
+    for label in ("full", "supervised"):
+        nmes = [json.loads((path.parent / "face" / label / f"seed{s}" / "metrics.json").read_text())["test"]["nme"]
+                for s in (1, 2)]
+        assert arms[label]["nme"]["values"] == nmes
+        assert arms[label]["nme"]["mean"] == pytest.approx(statistics.fmean(nmes))
+        assert arms[label]["nme"]["sd"] == pytest.approx(statistics.stdev(nmes))
+        assert (path.parent / "face" / label / "seed1" / "log.csv").is_file()
+    assert arms["supervised"]["vs_full"]["nme"]["difference"] == pytest.approx(
+        arms["supervised"]["nme"]["mean"] - arms["full"]["nme"]["mean"])
+    assert summary["datasets"]["face"]["reference"]["fitted_mean_shape"]["nme"]["n"] == 2
+    assert (path.parent / "summary.png").is_file() and "| full |" in (path.parent / "summary.md").read_text()
+
+    assert experiments.main(args) == 0  # nothing left to train
+    assert "4 runs, 4 finished, 0 to train" in capsys.readouterr().out
+    # a changed setting is a different run: retrained, not skipped
+    changed = json.loads(path.read_text())
+    changed["set"]["lr"] = 5e-4
+    path.write_text(json.dumps(changed))
+    assert experiments.main(args + ["--dry-run"]) == 0
+    assert "4 runs, 0 finished, 4 to train" in capsys.readouterr().out
+
+
+def test_bad_grids_are_rejected_naming_the_file_and_arm(tmp_path):
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"name": "x", "preset": "tiny", "datasets": ["face"], "seeds": [0],
+                                "arms": [{"label": "full", "method": "nonsense"}]}))
+    with pytest.raises(ValueError, match=r"grid.json: arm 'full' on face: .*method"):
+        experiments.Grid.load(path)
+    path.write_text(json.dumps({"name": "x", "preset": "tiny", "datasets": ["face"], "seeds": [0],
+                                "arms": [{"label": "a"}, {"label": "A"}]}))
+    with pytest.raises(ValueError, match="distinct"):
+        experiments.Grid.load(path)
