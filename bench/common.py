@@ -41,6 +41,31 @@ class Case:
     "over": provider, "at_least": ratio, "device": "cpu" | "cuda"}."""
 
 
+@dataclass
+class Breakdown:
+    """A case measured as phases of one call instead of providers: ``make(device)`` returns a
+    function that runs the call once and returns seconds per phase (names in ``phases``)."""
+
+    op: str
+    name: str
+    config: dict
+    make: Callable[[torch.device], Callable[[], dict]]
+    phases: tuple
+
+
+def measure_breakdown(case: Breakdown, device: torch.device, *, budget_s: float, min_reps: int = 5) -> dict:
+    """Median / p20 / p80 milliseconds of every phase and of their sum, over repeated calls."""
+    fn = case.make(device)
+    fn()
+    fn()  # warm-up: allocator, caches, first-use compilation
+    samples: list[dict] = []
+    start = time.perf_counter()
+    while len(samples) < min_reps or (time.perf_counter() - start < budget_s and len(samples) < 200):
+        samples.append(fn())
+    phases = {p: _quantiles([1e3 * s.get(p, 0.0) for s in samples]) for p in case.phases}
+    return {"phases": phases, "total": _quantiles([1e3 * sum(s.values()) for s in samples])}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

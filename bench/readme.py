@@ -4,8 +4,8 @@
     python bench/readme.py --check  # exit 1 if a README block is stale
 
 Benchmarks come from ``bench/results/*.json`` (written by ``bench/run.py``), the
-demo table from ``docs/results/demo/*/metrics.json`` (written by
-``python -m kpfast.train --out ...``). The README's numbers come only from
+results table from ``docs/results/demo/summary.json`` (written by
+``python -m kpfast.experiments docs/results/demo/grid.json``). The README's numbers come only from
 committed result files, never by hand.
 """
 
@@ -80,36 +80,50 @@ def block(files: list[Path]) -> str:
 
 
 def demo_files(committed_only: bool) -> list[Path]:
-    """The demo runs' metrics: ``docs/results/demo/<run>/metrics.json``."""
-    return _committed(sorted(DEMO_RESULTS.glob("*/metrics.json")), committed_only)
+    """The experiment summaries the README shows: ``docs/results/<grid>/summary.json``."""
+    return _committed(sorted(p for p in DEMO_RESULTS.glob("summary.json")), committed_only)
+
+
+def verdicts(summary: dict) -> list[str]:
+    """One line per dataset: the full method against supervised training and against each other arm."""
+    lines = []
+    for dataset, d in summary["datasets"].items():
+        arms = {a["label"]: a for a in d["arms"]}
+        full, sup = arms.get("full"), arms.get("supervised")
+        if not full or not sup or full["nme"]["mean"] is None or sup["nme"]["mean"] is None:
+            continue
+        vs = sup["vs_full"]
+        gain = vs["nme_relative"]
+        pck = "above" if full["pck@0.1"]["mean"] > sup["pck@0.1"]["mean"] else "**not above**"
+        worse = [a["label"] for a in d["arms"] if a["vs_full"] and a["vs_full"]["nme"]["worse_by_more_than_1sd"]]
+        not_worse = [a["label"] for a in d["arms"] if a["vs_full"] and a["label"] != "supervised"
+                     and not a["vs_full"]["nme"]["worse_by_more_than_1sd"]]
+        line = (f"- **{dataset}**: the full method's mean test NME is {gain:.1f} % below supervised training's "
+                f"({'meets' if gain >= 30 else '**misses**'} the 30 % target), its PCK@0.1 {pck} supervised's. "
+                f"Worse than full by more than one sd (NME): {', '.join(worse) or 'none'}")
+        if not_worse:
+            line += f"; **not** worse by more than one sd: {', '.join(not_worse)}"
+        lines.append(line + ".")
+    return lines
 
 
 def demo_block(files: list[Path]) -> str:
     if not files:
-        return f"{DEMO_START}\nNo committed demo results yet.\n{DEMO_END}"
-    from kpfast.train.cli import command_line
+        return f"{DEMO_START}\nNo committed experiment results yet.\n{DEMO_END}"
+    from kpfast.experiments import markdown
 
-    runs = sorted((json.loads(p.read_text()) for p in files), key=lambda m: m["test"]["nme"])
-    lines = ["| method | test NME (%) | PCK@0.1 (%) | labelled-set NME (%) | wall time | command |",
-             "|---|---|---|---|---|---|"]
-    for m in runs:
-        t = m["test"]
-        lines.append(f"| {m['method_label']} | {t['nme']:.2f} | {t['pck@0.1']:.1f} | {m['labeled_fit']['nme']:.2f} "
-                     f"| {m['wall_time_s']['total'] / 60:.1f} min (data {m['wall_time_s']['data']:.0f} s) "
-                     f"| `{command_line(m['config'])}` |")
-    by_label = {m["method_label"]: m for m in runs}
-    first = runs[0]
-    env = first["environment"]
-    lines += ["", f"{first['shots']}-shot, {first['dataset']} ({first['train_images']} training and "
-              f"{first['test_images']} test images, {first['keypoints']} keypoints), {first['iterations']} "
-              f"iterations; {env['device']} with {env['cpu_threads']} threads, torch {env['torch']}, "
-              f"commit `{(env.get('git_commit') or '')[:10]}`. Wall time is the whole run (data, training, evaluation, "
-              "pictures); data is generated on the first run and read from the cache afterwards."]
-    if "full" in by_label and "supervised" in by_label:
-        full, sup = by_label["full"]["test"]["nme"], by_label["supervised"]["test"]["nme"]
-        gain = 100 * (1 - full / sup)
-        lines += ["", f"The full method's test NME is {gain:.1f} % lower than supervised training on the same "
-                  f"labelled images ({'meets' if gain >= 30 else '**misses**'} the 30 % target)."]
+    summary = json.loads(files[0].read_text())
+    any_info = next(iter(summary["datasets"].values()))["info"]
+    env = any_info.get("environment", {})
+    cmds = {a["label"]: a.get("command") for d in summary["datasets"].values() for a in d["arms"]}
+    lines = [markdown(summary).rstrip(), "",
+             f"Mean ± sd over seeds {', '.join(map(str, summary['seeds']))} (each seed draws its own procedural "
+             f"data and training streams); NME in % of the inter-ocular distance (faces) or the box size, PCK@0.1 of "
+             f"the box size, spread = predicted / true keypoint extent (near 0: collapsed onto the object's centre). "
+             f"{env.get('device')} with {env.get('cpu_threads')} thread(s) per run, torch {env.get('torch')}, "
+             f"commit `{(env.get('git_commit') or '')[:10]}`; `python -m kpfast.experiments {files[0].parent.relative_to(ROOT).as_posix()}/grid.json` "
+             "reruns the grid.", "", *verdicts(summary), "", "<details><summary>the command of each arm</summary>", ""]
+    lines += [f"- {label}: `{cmd}`" for label, cmd in cmds.items() if cmd] + ["", "</details>"]
     return f"{DEMO_START}\n" + "\n".join(lines) + f"\n{DEMO_END}"
 
 

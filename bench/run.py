@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from common import DIRECTIONS, Case, human_bytes, measure  # noqa: E402
+from common import DIRECTIONS, Breakdown, Case, human_bytes, measure, measure_breakdown  # noqa: E402
 
 # benchmark modules: every bench/*.py that defines cases(device, quick)
 OP_MODULES = [p.stem for p in sorted(HERE.glob("*.py")) if "\ndef cases(" in p.read_text()]
@@ -72,7 +72,71 @@ def memory_budget(device: torch.device) -> int:
     return int(pages * 0.5)
 
 
+def run_breakdown(case: Breakdown, device: torch.device, budget_s: float) -> list[dict]:
+    row = {"op": case.op, "case": case.name, "config": case.config, "provider": "phases", "kind": "breakdown"}
+    try:
+        row.update(measure_breakdown(case, device, budget_s=budget_s))
+        row["status"] = "ok"
+    except Exception as err:  # record, keep going
+        row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        traceback.print_exc(file=sys.stderr)
+    print(f"  {case.name:<40} {'phases':<26} {row['status'] if row['status'] != 'ok' else _fmt_ms(row['total'])}",
+          flush=True)
+    return [row]
+
+
+def breakdown_table(rows: list[dict]) -> str:
+    """One row per phase and case: median ms and share of the step."""
+    lines = ["| case | phase | ms (median) | share |", "|---|---|---|---|"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['case']} | {r['status']} | | |")
+            continue
+        total = sum(q["median_ms"] for q in r["phases"].values()) or 1.0
+        for phase, q in r["phases"].items():
+            lines.append(f"| {r['case']} | {phase} | {q['median_ms']:.3g} | {100 * q['median_ms'] / total:.0f} % |")
+        lines.append(f"| {r['case']} | **whole step** | {r['total']['median_ms']:.3g} | |")
+    return "\n".join(lines)
+
+
+def plot_breakdown(rows: list[dict], path: Path, title: str) -> bool:
+    """One stacked horizontal bar per case: its phases' median milliseconds."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return False
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return False
+    phases = list(ok[0]["phases"])
+    colours = plt.get_cmap("tab20")(range(len(phases)))
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.8 * len(ok)))
+    for i, r in enumerate(ok):
+        left = 0.0
+        for j, phase in enumerate(phases):
+            ms = r["phases"][phase]["median_ms"]
+            ax.barh(i, ms, left=left, color=colours[j], label=phase if i == 0 else None)
+            if ms > 0.06 * r["total"]["median_ms"]:
+                ax.text(left + ms / 2, i, f"{ms:.0f}", ha="center", va="center", fontsize=7)
+            left += ms
+    ax.set_yticks(range(len(ok)))
+    ax.set_yticklabels([r["case"] for r in ok], fontsize=8)
+    ax.set_xlabel("milliseconds per training step (median of each phase)")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def run_case(case: Case, device: torch.device, budget_s: float, mem_budget: int, providers) -> list[dict]:
+    if isinstance(case, Breakdown):
+        return run_breakdown(case, device, budget_s)
     rows = []
     for provider in case.providers:
         if providers and provider not in providers:
@@ -108,6 +172,8 @@ def speedups(rows: list[dict]) -> None:
     """Add, to each fused row, the ratio of every other provider's time and memory to the fused one."""
     by_case: dict[str, dict[str, dict]] = {}
     for r in rows:
+        if r.get("kind") == "breakdown":
+            continue
         by_case.setdefault(r["case"], {})[r["provider"]] = r
     for providers in by_case.values():
         fused = providers.get("fused")
@@ -215,7 +281,12 @@ def replot(json_path: Path) -> int:
     """Redraw ``<slug>.png`` from a result JSON (no measurement)."""
     data = json.loads(json_path.read_text())
     env = data["environment"]
-    plot(data["results"], json_path.with_suffix(".png"), f"kpfast on {env.get('gpu', env['cpu'])} ({env['device']})")
+    where = f"kpfast on {env.get('gpu', env['cpu'])} ({env['device']})"
+    if data["results"]:
+        plot(data["results"], json_path.with_suffix(".png"), where)
+    if data.get("breakdowns"):
+        plot_breakdown(data["breakdowns"], json_path.with_name(json_path.stem + "-breakdown.png"),
+                       where + ": one training step")
     print(f"wrote {json_path.with_suffix('.png')}")
     return 0
 
@@ -259,15 +330,23 @@ def main(argv=None) -> int:
         slug += "-" + "+".join(ops)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = table(rows)
+    phase_rows = [r for r in rows if r.get("kind") == "breakdown"]
+    rows = [r for r in rows if r.get("kind") != "breakdown"]
+    text = table(rows) if rows else ""
+    if phase_rows:
+        text += ("\n\n" if text else "") + breakdown_table(phase_rows)
     target_lines = [f"- {'MET' if c['met'] else 'NOT MET'}: {c['case']}: {c['target']} (measured {c['measured']:.2f}x)" if c["measured"] is not None
                     else f"- NOT MEASURED: {c['case']}: {c['target']}" for c in checks]
     md = f"# kpfast benchmarks: {slug}\n\n`{env['command']}`, torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}, {env['date']}\n\n{text}\n"
     if target_lines:
         md += "\n## Targets\n\n" + "\n".join(target_lines) + "\n"
     (out / f"{slug}.md").write_text(md)
-    (out / f"{slug}.json").write_text(json.dumps({"environment": env, "results": rows, "targets": checks}, indent=1))
-    plotted = plot(rows, out / f"{slug}.png", f"kpfast on {env.get('gpu', env['cpu'])} ({device})")
+    (out / f"{slug}.json").write_text(json.dumps({"environment": env, "results": rows, "breakdowns": phase_rows,
+                                                  "targets": checks}, indent=1))
+    where = f"kpfast on {env.get('gpu', env['cpu'])} ({device})"
+    plotted = plot(rows, out / f"{slug}.png", where) if rows else False
+    if phase_rows and plot_breakdown(phase_rows, out / f"{slug}-breakdown.png", where + ": one training step"):
+        print(f"wrote {out / (slug + '-breakdown.png')}")
     print()
     print(text)
     if target_lines:
