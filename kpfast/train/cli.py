@@ -8,9 +8,19 @@ Examples::
     python -m kpfast.train --preset paper --without geo3d --without kmeans --out runs/ablation
     python -m kpfast.train --preset demo --out runs/demo --resume        # continue an interrupted run
     python -m kpfast.train --preset demo --set lr=3e-4 --set unet_widths=16,32,64 --out runs/x
+    python -m kpfast.train --preset demo --method supervised --out runs/demo --overwrite   # replace that run
 
-Exit status: 0 on success, 1 when a loss became non-finite (the message names the
-term and the step), 2 on a bad configuration.
+--preset is required: a run states its scale (demo: minutes on a CPU; paper: the
+paper's 20k iterations at 128 px, for a GPU; tiny: seconds, a smoke test). Before
+training, the run prints its plan (preset, method, steps, image size, device) and,
+after its first steps, an estimate of the time it will take.
+
+An OUT folder holding another run is refused unless --overwrite (which deletes that
+run's files first) or --resume (same config: continues it).
+
+Exit status: 0 on success, 1 when a loss, gradient or weight became non-finite (the
+message names the term or setting and the step), 2 on a bad configuration, a
+refused run folder or an unreadable checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +31,11 @@ import sys
 import typing
 
 from .config import ABLATIONS, METHODS, OPS, PRESETS, RUN_FIELDS, TrainConfig
+
+# fields with an option of their own that --set would be silently overridden by
+OWN_OPTION_FIELDS = {"preset": "--preset", "out": "--out", "resume": "--resume", "overwrite": "--overwrite"}
+PRESET_USES = {"demo": "the README's main job, minutes on a CPU", "paper": "the paper's settings, for a GPU",
+               "tiny": "seconds, a smoke test"}
 
 # options that map one to one onto TrainConfig fields
 FIELD_OPTIONS = {
@@ -52,7 +67,14 @@ def _field_types() -> dict:
 
 
 def _parse_value(name: str, text: str):
-    """Turn ``--set name=text`` into the field's type."""
+    """Turn ``--set name=text`` into the field's type (``ValueError`` naming the field if it does not parse)."""
+    try:
+        return _parse_typed(name, text)
+    except ValueError as e:
+        raise ValueError(f"--set {name}={text}: {e}") from None
+
+
+def _parse_typed(name: str, text: str):
     t = _field_types()[name]
     origin, args = typing.get_origin(t), typing.get_args(t)
     if origin is typing.Union and type(None) in args:
@@ -64,22 +86,32 @@ def _parse_value(name: str, text: str):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"--set {name}: expected true/false, got {text!r}")
+        raise ValueError(f"expected true/false, got {text!r}")
     if t is tuple:
         items = [s for s in text.split(",") if s]
         current = getattr(TrainConfig, name, ())
         kind = type(current[0]) if current else str
-        return tuple(kind(s) for s in items)
-    return t(text)
+        return tuple(_convert(kind, s) for s in items)
+    return _convert(t, text)
+
+
+def _convert(kind: type, text: str):
+    try:
+        return kind(text)
+    except ValueError:
+        expected = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+        raise ValueError(f"expected {expected}, got {text!r}") from None
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kpfast.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                   help="starting point (default: paper); other options override it")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="required, the starting point (other options override it): " + _presets_text())
     p.add_argument("--out", required=True, help="run directory: metrics.json, checkpoints, logs, PNGs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="OUT holds another run: delete its files and train this one")
     p.add_argument("--without", action="append", default=[], choices=ABLATIONS,
                    help="switch a component off (repeatable): " + ", ".join(ABLATIONS))
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt bit for bit")
@@ -95,6 +127,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _presets_text() -> str:
+    def scale(name):
+        cfg = TrainConfig.from_preset(name)
+        return f"{cfg.iterations} steps at {cfg.image_size} px"
+
+    return "; ".join(f"{name}: {scale(name)} ({PRESET_USES[name]})" for name in sorted(PRESETS))
+
+
 def parse_settings(items) -> dict:
     """``["lr=3e-4", "unet_widths=16,32"]`` (``--set`` values) -> typed TrainConfig overrides."""
     overrides = {}
@@ -103,18 +143,23 @@ def parse_settings(items) -> dict:
         if not sep or name not in _field_types():
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of "
                              f"{sorted(_field_types())}")
+        if name in OWN_OPTION_FIELDS:
+            raise ValueError(f"--set {item}: use {OWN_OPTION_FIELDS[name]} to set {name}")
         overrides[name] = _parse_value(name, value)
     return overrides
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` the parsed command line describes."""
+    if args.preset is None:
+        raise ValueError(f"--preset is required, it sets the scale of the run: {_presets_text()}")
     overrides = {name: getattr(args, name) for name in FIELD_OPTIONS if getattr(args, name) is not None}
     overrides.update(parse_settings(args.set))
     if args.without:
         overrides["without"] = tuple(args.without)
     overrides["out"] = args.out
     overrides["resume"] = args.resume
+    overrides["overwrite"] = args.overwrite
     if args.no_progress:
         overrides["progress"] = False
     return TrainConfig.from_preset(args.preset, **overrides)
@@ -167,13 +212,18 @@ def main(argv=None) -> int:
         cfg = config_from_args(args)
     except ValueError as e:
         p.error(str(e))
+    from ..safe_load import LoadError
     from .loop import NonFiniteLossError, Trainer
+    from .run_folder import RunFolderError
 
     try:
         Trainer(cfg).run()
     except NonFiniteLossError as e:
         print(f"kpfast train: {e}", file=sys.stderr)
         return 1
+    except (RunFolderError, LoadError) as e:
+        print(f"kpfast train: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

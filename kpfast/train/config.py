@@ -18,17 +18,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import os
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 METHODS = ("full", "supervised", "autolink-few")
 # fields that change where and how a run reports, not what it computes (a resumed run or a
 # rerun may change them)
-RUN_FIELDS = frozenset({"resume", "progress", "out", "checkpoint_every", "log_every", "image_every", "eval_batch",
-                        "device", "cache_dir", "preset", "diagnostics_every"})
+RUN_FIELDS = frozenset({"resume", "overwrite", "progress", "out", "checkpoint_every", "log_every", "image_every",
+                        "eval_batch", "device", "cache_dir", "preset", "diagnostics_every"})
 ABLATIONS = ("recon", "geo2d", "geo3d", "uncertainty", "kmeans")
 OPS = ("fused", "reference")
 LR_SCHEDULES = ("constant", "cosine")
+NORMS = ("batch", "group", "none")
 
 
 @dataclass
@@ -58,10 +62,15 @@ class TrainConfig:
     ``channels_last`` (NHWC convolutions: about 30 % faster on CPU, same results up
     to rounding).
 
-    Run: ``seed``, ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``), ``out``,
-    ``checkpoint_every``, ``log_every``, ``diagnostics_every`` (per-term gradient
-    diagnostics, see :mod:`kpfast.train.diagnostics`; None = ``log_every``, 0 = off), ``image_every`` (PNG snapshots; 0 = only
-    at the end), ``eval_batch``, ``progress``, ``resume``.
+    Run: ``seed``, ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``), ``out`` (the run
+    folder), ``checkpoint_every``, ``log_every``, ``diagnostics_every`` (per-term gradient
+    diagnostics, see :mod:`kpfast.train.diagnostics`; None = ``log_every``, 0 = off),
+    ``image_every`` (PNG snapshots; 0 = only at the end), ``eval_batch``, ``progress``, ``resume`` (continue the run in
+    ``out``), ``overwrite`` (replace the run ``out`` holds).
+
+    Every field is checked on construction (type, finite, in range: see
+    :data:`INT_RANGES` and :data:`FLOAT_RANGES`), and so are combinations of fields; a
+    bad value raises ``ValueError`` naming the field.
     """
 
     # data
@@ -114,6 +123,7 @@ class TrainConfig:
     eval_batch: int = 64
     progress: bool = True
     resume: bool = False
+    overwrite: bool = False
     preset: Optional[str] = None
 
     # -- derived ---------------------------------------------------------------
@@ -166,15 +176,66 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.without, str):
             self.without = (self.without,)
+        for name in ("without",) + WIDTH_FIELDS_MIN_LENGTH:
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                raise ValueError(f"TrainConfig: {name} must be a sequence, got {value!r}")
+            setattr(self, name, tuple(value))
         self.without = tuple(sorted(set(self.without), key=lambda w: (ABLATIONS + (w,)).index(w)))
-        for name in ("betas", "detector_widths", "detector_up_widths", "unet_widths"):
-            setattr(self, name, tuple(getattr(self, name)))
+        self.betas = tuple(self.betas) if not isinstance(self.betas, (str, bytes)) and hasattr(self.betas, "__iter__") \
+            else self.betas
+        for name in ("dataset", "cache_dir", "out", "perceptual", "few_shot_features"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
         self.validate()
+        # plain Python numbers (numpy scalars, ints given for floats) so the config reads back from JSON equal
+        for name in INT_RANGES:
+            if getattr(self, name) is not None:
+                setattr(self, name, int(getattr(self, name)))
+        for name in FLOAT_RANGES:
+            setattr(self, name, float(getattr(self, name)))
+        self.betas = tuple(float(b) for b in self.betas)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field for any inconsistent setting."""
+        """Raise ``ValueError`` naming the field for any missing, mistyped, non-finite or
+        out-of-range value and any inconsistent combination."""
         def bad(msg):
             raise ValueError(f"TrainConfig: {msg}")
+
+        def is_int(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        def is_number(v):
+            return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+        for name, (low, high) in INT_RANGES.items():
+            v = getattr(self, name)
+            if v is None and name in OPTIONAL_FIELDS:
+                continue
+            if not is_int(v) or v < low or (high is not None and v > high):
+                within = f">= {low}" if high is None else f"in [{low}, {high}]"
+                bad(f"{name} must be an integer {within}{' or None' if name in OPTIONAL_FIELDS else ''}, got {v!r}")
+        for name, (low, high, low_open) in FLOAT_RANGES.items():
+            v = getattr(self, name)
+            if not is_number(v) or not math.isfinite(v) or v < low or (low_open and v == low) or v > high:
+                within = (f"> {low:g}" if low_open else f">= {low:g}") + (f" and <= {high:g}" if math.isfinite(high) else "")
+                bad(f"{name} must be a finite number {within}, got {v!r}")
+        for name in ("dataset", "perceptual", "few_shot_features", "device", "cache_dir", "out"):
+            v = getattr(self, name)
+            if v is None and name in OPTIONAL_FIELDS:
+                continue
+            if not isinstance(v, str) or not v.strip():
+                bad(f"{name} must be a non-empty string{' or None' if name in OPTIONAL_FIELDS else ''}, got {v!r}")
+        for name in ("channels_last", "progress", "resume", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                bad(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name, min_length in zip(WIDTH_FIELDS_MIN_LENGTH, (1, 0, 2)):
+            v = getattr(self, name)
+            if len(v) < min_length or not all(is_int(w) and w >= 1 for w in v):
+                what = {0: "a list of", 1: "a non-empty list of", 2: "a list of at least 2"}[min_length]
+                bad(f"{name} must be {what} positive integers (channels per block), got {v!r}")
+        if len(self.betas) != 2 or not all(is_number(b) and math.isfinite(b) and 0 <= b < 1 for b in self.betas):
+            bad(f"betas must be a pair of numbers in [0, 1), got {self.betas!r}")
 
         if self.method not in METHODS:
             bad(f"method must be one of {METHODS}, got {self.method!r}")
@@ -186,12 +247,19 @@ class TrainConfig:
             bad(f"without {not_full} only applies to method 'full' (method {self.method!r} does not use them)")
         if self.ops not in OPS:
             bad(f"ops must be one of {OPS}, got {self.ops!r}")
-        if not isinstance(self.shots, int) or self.shots < 1:
-            bad(f"shots must be a positive int, got {self.shots!r}")
-        if not isinstance(self.iterations, int) or self.iterations < 1:
-            bad(f"iterations must be a positive int, got {self.iterations!r}")
-        if self.batch_unlabeled < 0 or self.labeled_batch < 1:
-            bad(f"batch_unlabeled must be >= 0 and batch_labeled >= 1, got {self.batch_unlabeled}, {self.batch_labeled}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.norm not in NORMS:
+            bad(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
+            bad(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.preset is not None and self.preset not in PRESETS:
+            bad(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+
+        if self.resume and self.out is None:
+            bad("resume needs out: the run folder to continue")
+        if self.resume and self.overwrite:
+            bad("resume (continue the run in out) and overwrite (replace it) exclude each other")
         if self.labeled_batch > self.shots:
             bad(f"batch_labeled {self.labeled_batch} exceeds shots {self.shots}")
         levels = max(len(self.detector_widths), len(self.unet_widths) - 1)
@@ -199,28 +267,11 @@ class TrainConfig:
             bad(f"image_size {self.image_size} must be divisible by 2**{levels} (the network depth)")
         if len(self.detector_up_widths) > len(self.detector_widths):
             bad("detector_up_widths cannot have more blocks than detector_widths (heatmaps larger than the image)")
-        if self.mask_grid < 1 or self.image_size % self.mask_grid:
-            bad(f"mask_grid must divide image_size {self.image_size}, got {self.mask_grid}")
-        if not self.edge_lr_scale > 0 or not math.isfinite(self.edge_lr_scale):
-            bad(f"edge_lr_scale must be a positive number, got {self.edge_lr_scale}")
-        if not 0 <= self.mask_ratio <= 1:
-            bad(f"mask_ratio must be in [0, 1], got {self.mask_ratio}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            bad(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.norm not in ("batch", "group", "none"):
-            bad(f"norm must be 'batch', 'group' or 'none', got {self.norm!r}")
-        if self.checkpoint_every < 1 or self.log_every < 1 or self.image_every < 0:
-            bad("checkpoint_every and log_every must be >= 1, image_every >= 0")
-        if self.diagnostics_every is not None and (self.diagnostics_every < 0 or
-                                                   self.diagnostics_every % self.log_every):
+        if self.image_size % self.mask_grid:
+            bad(f"image_size {self.image_size} must be divisible by mask_grid {self.mask_grid} (the patch grid)")
+        if self.diagnostics_every is not None and self.diagnostics_every % self.log_every:
             bad(f"diagnostics_every must be 0 (off) or a multiple of log_every ({self.log_every}), "
                 f"got {self.diagnostics_every}")
-        if self.lr <= 0 or len(self.betas) != 2:
-            bad(f"lr must be > 0 and betas a pair, got lr={self.lr}, betas={self.betas}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            bad(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        if self.preset is not None and self.preset not in PRESETS:
-            bad(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
 
     def replace(self, **changes) -> "TrainConfig":
         """A copy with some fields changed (validated)."""
@@ -251,6 +302,39 @@ class TrainConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides, "preset": name})
+
+
+def run_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """What makes two config dicts different runs: ``["lr: 0.003 -> 0.0005", ...]`` over the
+    fields outside :data:`RUN_FIELDS` (missing fields read as their defaults).
+
+    Example:
+        >>> a = TrainConfig.from_preset("tiny").to_dict()
+        >>> run_differences(a, {**a, "lr": 5e-4, "progress": True})
+        ['lr: 0.0001 -> 0.0005']
+    """
+    old, new = TrainConfig.from_dict(old).to_dict(), TrainConfig.from_dict(new).to_dict()
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if k not in RUN_FIELDS and old[k] != new[k]]
+
+
+INT_RANGES: dict[str, tuple[int, Optional[int]]] = {
+    # field: (smallest, largest or None); seeds stay below 2**31 (numpy seeds must be < 2**32)
+    "shots": (1, None), "image_size": (8, None), "train_size": (1, None), "test_size": (1, None),
+    "data_seed": (0, 2**31 - 1), "iterations": (1, None), "batch_unlabeled": (0, None), "batch_labeled": (1, None),
+    "random_partner_iterations": (0, None), "ramp_iterations": (0, None), "seed": (0, 2**31 - 1),
+    "checkpoint_every": (1, None), "log_every": (1, None), "image_every": (0, None), "eval_batch": (1, None),
+    "mask_grid": (1, None), "diagnostics_every": (0, None),
+}
+FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
+    # field: (low, high, low excluded); every value must be finite
+    "lr": (0.0, math.inf, True), "w_few_shot": (0.0, math.inf, False), "w_recon": (0.0, math.inf, False),
+    "w_geo2d": (0.0, math.inf, False), "w_geo3d": (0.0, math.inf, False), "w_smooth": (0.0, math.inf, False),
+    "whole_object_weight": (0.0, math.inf, False), "mask_ratio": (0.0, 1.0, False),
+    "depth_scale": (0.0, math.inf, True), "edge_lr_scale": (0.0, math.inf, True),
+}
+OPTIONAL_FIELDS = frozenset({"train_size", "test_size", "batch_labeled", "ramp_iterations", "cache_dir", "out",
+                             "preset", "diagnostics_every"})
+WIDTH_FIELDS_MIN_LENGTH = ("detector_widths", "detector_up_widths", "unet_widths")
 
 
 PRESETS: dict[str, dict] = {

@@ -1,10 +1,12 @@
 """The training loop: :class:`Trainer` and :func:`train`.
 
-A run: open the data (generated and cached for procedural categories), pick the
-few-shot examples, build the networks, train with Adam for ``iterations`` steps
-(checkpointing atomically every ``checkpoint_every`` steps), evaluate the last
-model on the test split (no model selection), and write ``metrics.json``,
-``model.pt``, ``log.csv``, TensorBoard events and PNGs into ``out``.
+A run: check and lock the run folder ``out`` (:mod:`kpfast.train.run_folder`),
+say what the run will do, open the data (generated and cached for procedural
+categories), pick the few-shot examples, build the networks, train with Adam for
+``iterations`` steps (checkpointing atomically every ``checkpoint_every`` steps,
+behind the NaN guard of :mod:`kpfast.train.guard`), evaluate the last model on the
+test split (no model selection), and write ``metrics.json``, ``model.pt``,
+``log.csv``, TensorBoard events and PNGs into ``out`` (``run.json`` records the run).
 """
 
 from __future__ import annotations
@@ -24,20 +26,19 @@ import torch
 from .. import backend
 from ..evaluate import COLLAPSE_SPREAD, evaluate, shape_baselines
 from ..models import FewShotKeypointModel, build_perceptual_loss
-from .checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, MODEL_NAME, atomic_save, global_rng_state, load_checkpoint,
-                         set_global_rng_state)
-from .config import RUN_FIELDS, TrainConfig
+from . import guard
+from .announce import StepClock, describe_run
+from .checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, MODEL_NAME, CheckpointError, global_rng_state,
+                         load_checkpoint, save_checkpoint_file, set_global_rng_state)
+from .config import TrainConfig, run_differences
 from .diagnostics import depth_correlation, term_gradients
 from .data import BatchStream, TrainingData, fetch, open_training_data
 from .distributed import World, setup
+from .guard import NonFiniteLossError
 from .objective import Objective
+from .run_folder import RunFolder, RunFolderError, prepare_run_folder
 from .run_log import RunLog
 from .streams import RandomStreams, stream_seed
-
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or infinite; the run stopped (the last good checkpoint is kept)."""
 
 
 def build_model(cfg: TrainConfig, meta) -> FewShotKeypointModel:
@@ -79,16 +80,31 @@ class Trainer:
 
     ``Trainer(cfg).run()`` returns the metrics dict that is also written to
     ``out/metrics.json``. Under ``torchrun`` every process runs it; rank 0 logs,
-    checkpoints and evaluates.
+    checkpoints and evaluates, and holds the lock on ``out`` from construction until
+    :meth:`run` returns.
     """
 
     def __init__(self, cfg: TrainConfig):
         self.t_start = time.perf_counter()
+        cfg.validate()  # a TrainConfig is mutable: check what is about to train
         self.cfg = cfg
         self.world: World = setup(cfg.device)
         self.out = Path(cfg.out) if cfg.out else None
-        if self.out is not None and self.world.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        self.folder = self._open_folder()
+        try:
+            self.resume_checkpoint = self._read_resume_checkpoint()
+            if self.world.is_main:
+                print(describe_run(cfg, self.world.device, self.world.size,
+                                   self.resume_checkpoint["step"] if self.resume_checkpoint else None), flush=True)
+            self._build()
+            self.folder.start(cfg)
+        except BaseException:
+            self.folder.close()
+            raise
+
+    def _build(self) -> None:
+        """Data, networks, optimizer and random streams (restored from the resume checkpoint, if any)."""
+        cfg = self.cfg
         self._seed_everything()
         self.data: TrainingData = open_training_data(cfg, self.world)
         self.t_data = time.perf_counter() - self.t_start
@@ -134,6 +150,36 @@ class Trainer:
     def checkpoint_path(self) -> Optional[Path]:
         return self.out / CHECKPOINT_NAME if self.out else None
 
+    def _open_folder(self) -> RunFolder:
+        """Check and lock the run folder on rank 0 (see :mod:`kpfast.train.run_folder`); every rank
+        raises the same :class:`RunFolderError` if it is refused."""
+        folder, problem = RunFolder(None), None
+        if self.world.is_main:
+            try:
+                folder = prepare_run_folder(self.cfg)
+            except RunFolderError as e:
+                problem = str(e)
+        problem = self.world.broadcast(problem)
+        if problem is not None:
+            folder.close()
+            raise RunFolderError(problem)
+        return folder
+
+    def _read_resume_checkpoint(self) -> Optional[dict]:
+        """The verified checkpoint ``resume`` continues from (None: start at step 0), read before any data."""
+        if not self.cfg.resume:
+            return None
+        path = self.checkpoint_path()
+        if not path.is_file():
+            if self.world.is_main:
+                print(f"kpfast train: --resume: no checkpoint at {path}, starting from step 0", flush=True)
+            return None
+        ckpt = load_checkpoint(path, map_location=self.world.device)
+        changed = run_differences(ckpt["config"], self.cfg.to_dict())
+        if changed:
+            raise CheckpointError(f"cannot resume {path}: the config differs in {'; '.join(changed)}")
+        return ckpt
+
     def state(self) -> dict:
         """Everything needed to continue bit for bit (collective under DDP: call on every rank)."""
         rng = {"streams": self.streams.state_dict(), "global": global_rng_state(),
@@ -147,31 +193,26 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """Write ``checkpoint.pt`` atomically (rank 0; every rank contributes its random state)."""
+        """Write ``checkpoint.pt`` atomically (rank 0; every rank contributes its random state),
+        unless a parameter or optimizer state is not finite (:class:`NonFiniteLossError`)."""
+        self.check_finite_state(f"after step {self.step}, so checkpoint.pt was not written")
         state = self.state()
         if self.world.is_main and self.out is not None:
-            atomic_save(state, self.checkpoint_path())
+            save_checkpoint_file(state, self.checkpoint_path())
         self.world.barrier()
 
     def _restore(self) -> None:
-        path = self.checkpoint_path()
-        if path is None:
-            raise ValueError("resume needs out: the run directory whose checkpoint.pt to continue from")
-        if not path.is_file():
-            if self.world.is_main:
-                print(f"kpfast train: --resume: no checkpoint at {path}, starting from step 0", flush=True)
+        ckpt, path = self.resume_checkpoint, self.checkpoint_path()
+        self.resume_checkpoint = None
+        if ckpt is None:
             return
-        ckpt = load_checkpoint(path, map_location=self.device)
-        old = TrainConfig.from_dict(ckpt["config"]).to_dict()
-        new = self.cfg.to_dict()
-        changed = sorted(k for k in new if k not in RUN_FIELDS and old.get(k) != new[k])
-        if changed:
-            raise ValueError(f"cannot resume {path}: the config differs in {changed} "
-                             f"({', '.join(f'{k}: {old.get(k)!r} -> {new[k]!r}' for k in changed)})")
         if ckpt["labeled"] != self.data.labeled:
-            raise ValueError(f"cannot resume {path}: the few-shot selection differs from the checkpoint's")
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+            raise CheckpointError(f"cannot resume {path}: the few-shot selection differs from the checkpoint's")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"cannot resume {path}: its weights do not fit the model ({e})") from None
         self.labeled.load_state_dict(ckpt["labeled_stream"])
         self.step = int(ckpt["step"])
         self.resumed_from = self.step
@@ -208,10 +249,35 @@ class Trainer:
         bad = {k: float(v.detach()) for k, v in terms.items() if not math.isfinite(float(v.detach()))}
         if self.world.all_true(not bad):
             return
-        where = f"; the last good checkpoint is {self.checkpoint_path()}" if self.checkpoint_path() and \
-            self.checkpoint_path().exists() else " (no checkpoint was written yet)"
         names = ", ".join(f"'{k}' = {v}" for k, v in bad.items()) or "a term on another process"
-        raise NonFiniteLossError(f"non-finite loss at step {step + 1}: {names}; training stopped{where}")
+        self._stop(f"non-finite loss at step {step + 1}: {names}")
+
+    def _stop(self, reason: str) -> None:
+        path = self.checkpoint_path()
+        where = f"the last good checkpoint is {path}" if path is not None and path.exists() else \
+            "no checkpoint was written yet"
+        raise NonFiniteLossError(f"{reason}; training stopped, {where}")
+
+    def check_update(self, batch: dict, step: int, rng_state: dict) -> None:
+        """After backward, before the optimizer step: raise :class:`NonFiniteLossError` (on every
+        rank) unless every gradient and parameter is finite, naming the first term whose gradient
+        is not (the step is replayed from ``batch`` and the random streams' state ``rng_state``)."""
+        params = list(self.model.parameters())
+        if self.world.all_true(guard.all_finite([p.grad for p in params] + params)):
+            return
+
+        def replay():
+            streams = RandomStreams(self.cfg.seed, self.world.rank)
+            streams.load_state_dict(rng_state)
+            return self.objective(self.model, batch, step, streams)[0], self.objective.weights
+
+        self._stop(guard.explain_update(step, self.model, self.cfg, replay))
+
+    def check_finite_state(self, when: str) -> None:
+        """Raise :class:`NonFiniteLossError` (on every rank) if a parameter or optimizer state is not finite."""
+        problem = guard.explain_state(self.model, self.optimizer, self.cfg)
+        if not self.world.all_true(problem is None):
+            self._stop(f"{problem or 'a parameter on another process is not finite'} {when}")
 
     def diagnose(self, terms: dict, out: dict, batch: dict) -> dict:
         """The scalars of :mod:`kpfast.train.diagnostics` for this step (before its backward)."""
@@ -234,6 +300,7 @@ class Trainer:
         """One optimizer step; returns the logged scalars."""
         self.model.train()
         batch = self.next_batch()
+        rng_state = self.streams.state_dict()  # to replay the step if its gradient is not finite
         terms, out = self.compute_losses(batch, step)
         self.check_finite(terms, step)
         diagnostics = self.diagnose(terms, out, batch) if self.diagnoses(step) else {}
@@ -242,6 +309,7 @@ class Trainer:
             group["lr"] = self.cfg.lr_at(step) * group["lr_scale"]
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        self.check_update(batch, step, rng_state)
         self.optimizer.step()
         scalars = {k: float(v.detach()) for k, v in terms.items()}
         scalars["total"] = float(total.detach())
@@ -257,12 +325,16 @@ class Trainer:
                      progress=cfg.progress, enabled=self.world.is_main, bar_keys={*self.objective.weights, "total"})
         t_train = time.perf_counter()
         first_step = self.step
+        clock = StepClock(cfg.iterations, self.step)
         try:
             with backend.use_backend(self.backend):
                 while self.step < cfg.iterations:
                     scalars = self.train_step(self.step)
                     self.step += 1
                     log.step(self.step, scalars)
+                    estimate = clock.after_step(self.step)
+                    if estimate:
+                        log.message(estimate)
                     if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
                         self.save_checkpoint()
                     if cfg.image_every and self.step % cfg.image_every == 0 and self.world.is_main and self.out:
@@ -282,6 +354,7 @@ class Trainer:
                     metrics["seconds_per_step"] = train_s / max(self.step - first_step, 1)
                     if self.out is not None:
                         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+                        self.folder.finish(cfg)
                     test = metrics["test"]
                     collapsed = test["spread"] is not None and test["spread"] < COLLAPSE_SPREAD
                     log.message(f"kpfast train: {cfg.method_label} on {cfg.dataset}, {cfg.shots} shots: test NME "
@@ -297,6 +370,7 @@ class Trainer:
                 self.world.barrier()
         finally:
             log.close()
+            self.folder.close()
             self.world.close()
         return metrics
 
@@ -331,8 +405,9 @@ class Trainer:
     def save_model(self) -> None:
         """``model.pt``: what inference needs (detector weights, meta, config), for :func:`kpfast.load`."""
         det = {k[len("detector."):]: v for k, v in self.model.state_dict().items() if k.startswith("detector.")}
-        atomic_save({"format": "kpfast", "version": FORMAT_VERSION, "kind": "model", "step": self.step,
-                     "config": self.cfg.to_dict(), "meta": self.meta.to_dict(), "model": det}, self.out / MODEL_NAME)
+        save_checkpoint_file({"format": "kpfast", "version": FORMAT_VERSION, "kind": "model", "step": self.step,
+                              "config": self.cfg.to_dict(), "meta": self.meta.to_dict(), "model": det},
+                             self.out / MODEL_NAME)
 
     @torch.no_grad()
     def write_pictures(self, folder: Path, prefix: str = "", n: int = 16) -> None:

@@ -1,0 +1,108 @@
+"""The NaN guard: nothing non-finite reaches the weights or a checkpoint.
+
+Three checks, each stopping the run with :class:`NonFiniteLossError`:
+
+- the loss terms of a step, before its backward pass (names the term and its value);
+- the gradients and parameters after the backward pass, before the optimizer step:
+  a finite loss can still have a NaN gradient (a setting that makes a derivative
+  overflow). The step is then replayed (same batch, same random draws) term by
+  term to name the first term whose gradient is not finite, with the settings it
+  depends on;
+- the parameters and optimizer state before a checkpoint is written.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+TERM_SETTINGS = {
+    "few_shot": ("w_few_shot",),
+    "recon": ("w_recon", "mask_ratio", "perceptual", "unet_widths"),
+    "geo2d": ("w_geo2d", "ramp_iterations"),
+    "geo3d": ("w_geo3d", "depth_scale", "whole_object_weight", "random_partner_iterations"),
+    "smooth": ("w_smooth",),
+}
+"""The config fields each loss term depends on (besides the networks and the data), named when it goes non-finite."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term, gradient, parameter or optimizer state became NaN or infinite; the run stopped
+    before it reached the weights or a checkpoint (the last good checkpoint is kept)."""
+
+
+def all_finite(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
+    """True iff every given tensor (None entries skipped) holds only finite values.
+
+    Tested through their total 2-norm (one fused reduction and one host sync; about 10x
+    faster than ``isfinite`` per tensor on CPU), which is NaN or infinite iff a value is
+    (or the norm itself exceeds the float range, about 3e38 in float32).
+    """
+    ts = [t.detach() for t in tensors if t is not None and t.is_floating_point()]
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(ts))) if ts else True
+
+
+def first_non_finite(named: Iterable[tuple[str, Optional[torch.Tensor]]]) -> Optional[str]:
+    """The name of the first tensor with a NaN or infinite value, or None."""
+    for name, t in named:
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def explain_state(model: nn.Module, optimizer: torch.optim.Optimizer, cfg) -> Optional[str]:
+    """What is not finite among the parameters and the optimizer state (None: all finite)."""
+    bad = first_non_finite(model.named_parameters())
+    if bad is not None:
+        return f"parameter '{bad}' is not finite"
+    names = {id(p): n for n, p in model.named_parameters()}
+    bad = first_non_finite((f"{key} of parameter '{names.get(id(p), '?')}'", v)
+                           for p, state in optimizer.state.items() for key, v in state.items()
+                           if isinstance(v, torch.Tensor))
+    if bad is not None:
+        weights = ", ".join(f"w_{t}={getattr(cfg, 'w_' + t)!r}" for t in TERM_SETTINGS)
+        return (f"the optimizer's {bad} is not finite (a gradient overflowed inside the optimizer, e.g. when "
+                f"squared: check the loss weights {weights} and lr={cfg.lr!r})")
+    return None
+
+
+def settings_of(term: str, cfg) -> str:
+    return ", ".join(f"{name}={getattr(cfg, name)!r}" for name in TERM_SETTINGS.get(term, ()))
+
+
+def blame_term(terms: dict, weights: dict, model: nn.Module) -> Optional[tuple[str, str]]:
+    """``(term, first parameter)`` for the first term (in ``terms`` order) whose weighted
+    gradient is not finite in some parameter, or None if every term's gradient is finite.
+
+    ``terms``: the unweighted scalar loss terms of a forward pass through ``model`` (its
+    graph is kept between terms).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for term, value in terms.items():
+        grads = torch.autograd.grad(weights[term] * value, [p for _, p in named], retain_graph=True,
+                                    allow_unused=True)
+        bad = first_non_finite((n, g) for (n, _), g in zip(named, grads))
+        if bad is not None:
+            return term, bad
+    return None
+
+
+def explain_update(step: int, model: nn.Module, cfg, replay) -> str:
+    """Why the update of (0-based) ``step`` is not finite: a parameter that already was, or
+    the first term whose gradient is not (``replay()`` recomputes ``(terms, weights)`` of the
+    step on ``model``; called only once the check failed)."""
+    bad_param = first_non_finite(model.named_parameters())
+    if bad_param is not None:
+        return (f"parameter '{bad_param}' is not finite before step {step + 1} (an earlier update overflowed; "
+                f"lr={cfg.lr!r})")
+    with torch.enable_grad():
+        terms, weights = replay()
+        found = blame_term(terms, weights, model)
+    if found is None:
+        return (f"the gradient at step {step + 1} is not finite, but no single loss term's is when the step is "
+                "replayed (their sum overflowed, or the step is not reproducible)")
+    term, param = found
+    return (f"the gradient of loss term '{term}' is not finite at step {step + 1} (first in parameter '{param}'), "
+            f"though its value {float(terms[term].detach()):.6g} is; check its settings: {settings_of(term, cfg)}")
