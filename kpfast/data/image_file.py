@@ -59,6 +59,8 @@ def read_image(path: Union[str, os.PathLike]) -> Image.Image:
         raise ImageFileError(path, f"too many pixels to decode safely ({e})") from None
     except UnidentifiedImageError:
         raise ImageFileError(path, "not an image file that PIL can decode") from None
+    except PermissionError:
+        raise ImageFileError(path, "cannot be opened: permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageFileError(path, f"truncated or damaged image ({e})") from None
 
