@@ -280,6 +280,7 @@ class Trainer:
         cfg = self.cfg
         log = RunLog(self.out, total=cfg.iterations, start_step=self.step, every=cfg.log_every,
                      progress=cfg.progress, enabled=self.world.is_main)
+        log.message(f"kpfast train: test split: {self.data.test_split}")
         t_train = time.perf_counter()
         first_step = self.step
         clock = StepClock(cfg.iterations, self.step)
@@ -346,7 +347,7 @@ class Trainer:
             "perceptual": self.perceptual.description if self.perceptual is not None else "none",
             "few_shot_selection": self.data.selection, "labeled_indices": self.data.labeled,
             "iterations": self.step, "resumed_from": self.resumed_from, "world_size": self.world.size,
-            "test": test, "labeled_fit": {"nme": fit["nme"], "pck@0.1": fit["pck@0.1"]},
+            "test": test, "test_split": self.data.test_split, "labeled_fit": {"nme": fit["nme"], "pck@0.1": fit["pck@0.1"]},
             "test_images": len(self.data.test), "train_images": len(self.data.train),
             "environment": {"device": str(self.device), "torch": torch.__version__, "python": platform.python_version(),
                             "cpu_threads": torch.get_num_threads(), "git_commit": _git_commit(),
