@@ -59,22 +59,38 @@ class Prediction:
 
 
 def _to_tensor(image) -> Tensor:
-    """One image -> float ``[3, H, W]`` in [0, 1] (PIL, uint8/float array or tensor, CHW or HWC, grey or RGBA)."""
+    """One image -> float ``[3, H, W]`` in [0, 1].
+
+    Layouts: a tensor is channels-first ``[C, H, W]``, a numpy array (and a PIL image)
+    channels-last ``[H, W, C]``, ``C`` in 1 (grey), 3 (RGB), 4 (RGBA: alpha dropped),
+    or ``[H, W]`` grey. Only when the type's own layout cannot hold the shape is the
+    other one taken (a tensor ``[H, W, 3]`` with ``H`` not 1, 3 or 4; an array
+    ``[3, H, W]`` with ``W`` not 1, 3 or 4), so a 3-pixel-high PIL image is read as
+    3 rows, never as 3 channels.
+    """
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover
         Image = None
     if Image is not None and isinstance(image, Image.Image):
         image = np.array(image.convert("RGB"))
-    t = torch.as_tensor(np.asarray(image)) if isinstance(image, np.ndarray) else image
-    if not isinstance(t, Tensor):
+    if isinstance(image, np.ndarray):
+        t, channels_last = torch.as_tensor(image), True
+    elif isinstance(image, Tensor):
+        t, channels_last = image, False
+    else:
         raise TypeError(f"images must be tensors, numpy arrays or PIL images, got {type(image).__name__}")
     if t.dim() == 2:
         t = t.unsqueeze(0)
-    if t.dim() != 3:
+    elif t.dim() == 3:
+        first, last = t.shape[0] in (1, 3, 4), t.shape[-1] in (1, 3, 4)
+        if not (first or last):
+            raise ValueError(f"an image must be [C, H, W] (tensor) or [H, W, C] (array) with C in 1, 3, 4, "
+                             f"or [H, W], got shape {tuple(t.shape)}")
+        if channels_last and last or not channels_last and not first:
+            t = t.permute(2, 0, 1)
+    else:
         raise ValueError(f"an image must be [3, H, W], [H, W, 3] or [H, W], got shape {tuple(t.shape)}")
-    if t.shape[0] not in (1, 3, 4) and t.shape[-1] in (1, 3, 4):
-        t = t.permute(2, 0, 1)
     if t.shape[0] == 4:
         t = t[:3]
     if t.shape[0] == 1:
@@ -134,9 +150,10 @@ class KeypointPredictor:
         """Keypoints, uncertainty and depth for ``images``.
 
         ``images``: a tensor ``[B, 3, H, W]`` (uint8 0-255 or float 0-1), one image
-        (tensor ``[3, H, W]``, array ``[H, W, 3]``, PIL image) or a list of them of any
-        sizes. Each image is resized to the model's size (antialiased bilinear, aspect
-        ratio not kept) and the keypoints are mapped back to its own pixels.
+        (tensor ``[3, H, W]``, array ``[H, W, 3]``, PIL image; see :func:`_to_tensor`
+        for the layouts) or a list of them of any sizes. Each image is resized to the
+        model's size (antialiased bilinear, aspect ratio not kept) and the keypoints are
+        mapped back to its own pixels.
         """
         x, sizes = self._batch(images)
         outs = [self.detector(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]

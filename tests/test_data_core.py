@@ -110,3 +110,22 @@ def test_from_config_by_name_and_pairs(tmp_path):
     bad.write_text('{"keypoint_names": [\n  "a",\n}')
     with pytest.raises(ValueError, match="line 3"):
         KeypointMeta.from_config(bad)
+
+
+def test_a_one_pixel_side_sits_at_minus_one_on_every_backend():
+    """The documented convention (README, ``help(kpfast.soft_argmax)``): a side of 1 pixel is at -1,
+    where kornia 0.9's ``spatial_expectation2d`` puts it at 0; longer sides follow -1 + 2j/(n-1)."""
+    import kpfast
+    from _util import kernel_backends, run
+
+    gen = torch.Generator().manual_seed(7)
+    for backend in kernel_backends() + ["reference"]:
+        row = torch.randn(2, 3, 1, 6, generator=gen, dtype=torch.float64)
+        col = torch.randn(2, 3, 5, 1, generator=gen, dtype=torch.float64)
+        kp_row, _ = run(backend, kpfast.soft_argmax, row)
+        kp_col, _ = run(backend, kpfast.soft_argmax, col)
+        minus_one = torch.full((2, 3), -1.0, dtype=torch.float64)
+        torch.testing.assert_close(kp_row[..., 1], minus_one, rtol=0, atol=1e-12, msg=backend)
+        torch.testing.assert_close(kp_col[..., 0], minus_one, rtol=0, atol=1e-12, msg=backend)
+        w = torch.softmax(row.reshape(2, 3, 6), -1)
+        torch.testing.assert_close(kp_row[..., 0], w @ torch.linspace(-1, 1, 6, dtype=torch.float64))

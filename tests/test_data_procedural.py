@@ -1,6 +1,8 @@
 """Procedural benchmark: labels, determinism, caching."""
 
 import json
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +169,46 @@ def test_contact_sheet_and_draw(tmp_path):
     out = draw_keypoints(black, torch.tensor([[0.0, 0.0]]), radius=1.0)
     a = torch.tensor(__import__("numpy").array(out), dtype=torch.float32)
     assert a[7:9, 7:9].sum() > 0 and a[0:3, 0:3].sum() == 0  # drawn at the centre only
+
+
+def _invert_images(folder):
+    a = np.load(folder / "images.npy")
+    np.save(folder / "images.npy", 255 - a)
+
+
+def _random_bytes(folder):
+    raw = bytearray((folder / "keypoints.npy").read_bytes())
+    raw[-64:] = np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8).tobytes()
+    (folder / "keypoints.npy").write_bytes(bytes(raw))
+
+
+def _zero_labeled(folder):
+    a = np.load(folder / "labeled.npy")
+    np.save(folder / "labeled.npy", np.zeros_like(a))
+
+
+def _no_digests(folder):  # what an entry of the previous cache format holds
+    key = json.loads((folder / "key.json").read_text())
+    del key["sha256"]
+    (folder / "key.json").write_text(json.dumps(key))
+
+
+@pytest.mark.parametrize("damage", [_invert_images, _random_bytes, _zero_labeled, _no_digests])
+def test_a_damaged_cache_entry_warns_and_is_regenerated(tmp_path, damage):
+    args = dict(size=3, image_size=16, cache_dir=tmp_path, progress=False)
+    first = open_dataset("face", "train", **args)
+    want = {k: np.array(v) for k, v in first.arrays.items()}
+    folder = Path(first.info["cache_folder"])
+    del first
+    size_before = {p.name: p.stat().st_size for p in folder.glob("*.npy")}
+    damage(folder)
+    assert {p.name: p.stat().st_size for p in folder.glob("*.npy")} == size_before  # same-size damage
+    with pytest.warns(UserWarning, match="is damaged .*regenerating it"):
+        again = open_dataset("face", "train", **args)
+    assert again.info["cached"] is False and again.info["cache_folder"] == str(folder)
+    for k, v in want.items():
+        assert np.array_equal(np.asarray(again.arrays[k]), v), k
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_dataset("face", "train", **args).info["cached"] is True
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -105,3 +105,50 @@ def test_load_rejects_what_is_not_a_kpfast_checkpoint(tmp_path):
         kpfast.load(tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError, match="no kpfast checkpoint"):
         kpfast.load(tmp_path / "nothing-here")
+
+
+def test_images_a_few_pixels_high_keep_their_layout():
+    meta = kpfast.data.KeypointMeta("toy", ["a", "b"])
+    predictor = KeypointPredictor(_FixedDetector(), meta, image_size=32)
+    rng = np.random.default_rng(0)
+    pil = Image.fromarray(rng.integers(0, 255, (3, 50, 3), dtype=np.uint8))  # 3 rows, 50 columns
+    images = [pil, np.zeros((4, 50, 3), np.uint8), torch.rand(3, 4, 50), torch.rand(50, 60, 3),
+              np.zeros((3, 50, 60), np.uint8), np.zeros((3, 50), np.uint8)]
+    pred = predictor.predict(images)
+    assert pred.sizes == [(3, 50), (4, 50), (4, 50), (50, 60), (50, 60), (3, 50)]
+    for b, (h, w) in enumerate(pred.sizes):  # the corners of the model input land inside each image
+        assert (pred.keypoints[b, :, 0] > -0.5).all() and (pred.keypoints[b, :, 0] < w - 0.5).all()
+        assert (pred.keypoints[b, :, 1] > -0.5).all() and (pred.keypoints[b, :, 1] < h - 0.5).all()
+    with pytest.raises(ValueError, match=r"with C in 1, 3, 4, or \[H, W\], got shape \(5, 6, 7\)"):
+        predictor.predict(np.zeros((5, 6, 7), np.uint8))
+
+
+def test_predict_folder_keeps_every_output_and_reports_unreadable_files(run_dir, tmp_path, monkeypatch):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    good = {"a.png": (40, 30), "a.jpg": (30, 40), "a_jpg.png": (20, 20), "thin.png": (3, 50)}
+    for name, size in good.items():
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / name)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "whole.png")
+    (folder / "truncated.png").write_bytes((tmp_path / "whole.png").read_bytes()[:300])
+    (folder / "notes.png").write_text("not an image")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "dir.png").mkdir()
+    Image.fromarray(np.zeros((120, 120, 3), np.uint8)).save(folder / "bomb.png")
+    Image.fromarray(np.zeros((1, 9, 3), np.uint8)).save(folder / "line.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # bomb.png's 14400 pixels exceed twice the limit
+
+    out = tmp_path / "out"
+    assert predict_main([str(run_dir), str(folder), "--out", str(out), "--batch-size", "3"]) == 1
+    result = json.loads((out / "predictions.json").read_text())
+    assert sorted(result) == sorted(p.name for p in folder.iterdir())
+    errors = {name: r["error"] for name, r in result.items() if "error" in r}
+    assert sorted(errors) == ["bomb.png", "dir.png", "empty.jpg", "line.png", "notes.png", "truncated.png"]
+    assert "truncated" in errors["truncated.png"] and "folder" in errors["dir.png"] and "empty" in errors["empty.jpg"]
+    assert "too many pixels" in errors["bomb.png"] and "not an image" in errors["notes.png"]
+    outputs = {name: r["output"] for name, r in result.items() if "error" not in r}
+    assert outputs == {"a.jpg": "a_jpg.png", "a.png": "a_png.png", "a_jpg.png": "a_jpg_2.png", "thin.png": "thin.png"}
+    for name, (h, w) in good.items():
+        assert result[name]["size"] == [h, w] and Image.open(out / outputs[name]).size == (w, h)
+    assert predict_main([str(run_dir), str(folder), "--out", str(folder)]) == 2

@@ -89,6 +89,10 @@ class KeypointArrayDataset(Dataset):
             "index": i,
         }
 
+    def labeled_counts(self) -> np.ndarray:
+        """``[N]`` number of labelled keypoints of each sample."""
+        return np.asarray(self.arrays["labeled"], dtype=bool).sum(axis=1).astype(np.int64)
+
     def images(self, indices=None) -> torch.Tensor:
         """A batch of images ``[B, 3, S, S]`` float32 in [0, 1] (all by default)."""
         idx = np.arange(len(self)) if indices is None else np.asarray(indices)

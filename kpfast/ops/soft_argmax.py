@@ -253,8 +253,10 @@ def soft_argmax(heatmaps: Tensor, readouts=None, *, beta=1.0) -> tuple[Tensor, O
         r_c  = sum_p w(p) R_c(p)       one value per readout map (uncertainty logit, depth, ...)
 
     Column ``j`` of a ``W``-wide map sits at ``x = -1 + 2 j / (W - 1)`` (row ``i`` at
-    ``y = -1 + 2 i / (H - 1)``; ``-1`` when the side is 1), the ``align_corners=True``
-    convention of kornia's ``spatial_expectation2d``. Gradients reach ``heatmaps``, the
+    ``y = -1 + 2 i / (H - 1)``), the ``align_corners=True`` convention of kornia's
+    ``spatial_expectation2d`` for sides of 2 or more. A side of 1 sits at ``-1``, where
+    kornia 0.9 puts it at ``0``: a ``[B, K, 1, W]`` map gives ``y = -1`` here, ``0`` there
+    (``x`` agrees). Gradients reach ``heatmaps``, the
     readouts and ``beta``. The fused kernels read each map once (online max and
     normalizer; the Triton forward re-reads a heatmap once per 8 readout channels),
     never materialize the softmax, and keep for backward only the inputs, the outputs

@@ -40,6 +40,9 @@ PRESET_USES = {"demo": "the README's main job, minutes on a CPU", "paper": "the 
 # options that map one to one onto TrainConfig fields
 FIELD_OPTIONS = {
     "dataset": "built-in category (face, animal, car) or path to real data (FORMAT:PATH to name the format)",
+    "test_dataset": "real data: a separate test set (path or FORMAT:PATH); default: the dataset's own test split, "
+                    "or a fixed 20%% of its images chosen by path hash when it has none",
+    "category": "COCO-format data: the categories to read, comma-separated (default: all with the file's keypoints)",
     "shots": "number of labelled images",
     "method": f"one of {', '.join(METHODS)}",
     "ops": "fused kernels or the plain-PyTorch reference",

@@ -43,7 +43,9 @@ class TrainConfig:
     :func:`kpfast.data.open_dataset`), ``shots`` labelled images, ``image_size``,
     ``train_size``/``test_size`` (procedural split sizes or caps on real data; None =
     the dataset's default), ``data_seed``, ``cache_dir``, ``few_shot_features``
-    (k-means features: ``"auto"``, ``"imagenet"``, ``"handcrafted"`` or a path).
+    (k-means features: ``"auto"``, ``"imagenet"``, ``"handcrafted"`` or a path),
+    ``test_dataset`` (real data: a separate test set, else the dataset's own or its
+    hashed split) and ``category`` (COCO-format data: which categories to read).
 
     Method: ``method``, ``without``, ``ops`` (``"fused"`` kernels or the plain-PyTorch
     ``"reference"``), ``perceptual`` (``"imagenet"``, ``"none"`` or a local checkpoint).
@@ -82,6 +84,8 @@ class TrainConfig:
     data_seed: int = 0
     cache_dir: Optional[str] = None
     few_shot_features: str = "auto"
+    test_dataset: Optional[str] = None
+    category: Optional[str] = None
     # method
     method: str = "full"
     without: tuple = ()

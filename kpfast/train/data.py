@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..data import KeypointMeta, collate_samples, open_dataset
-from ..data.few_shot import select_few_shot
+from ..data.few_shot import labeled_counts, select_few_shot
 from .config import TrainConfig
 from .distributed import World
 from .streams import stream_seed
@@ -19,8 +21,9 @@ class TrainingData:
     """Datasets and the labelled subset of a run.
 
     ``train`` (all of it is the unlabelled pool; the labelled images are in it too,
-    as in the paper), ``test``, ``meta``, ``labeled`` (indices into ``train``) and
-    ``selection`` (how they were chosen).
+    as in the paper), ``test``, ``meta``, ``labeled`` (indices into ``train``),
+    ``selection`` (how they were chosen) and ``test_split`` (how the test split was
+    made: the dataset's own, a separate test set, or the hashed split of one source).
     """
 
     train: torch.utils.data.Dataset
@@ -28,6 +31,7 @@ class TrainingData:
     meta: KeypointMeta
     labeled: list[int]
     selection: str
+    test_split: str
 
 
 def open_training_data(cfg: TrainConfig, world: World) -> TrainingData:
@@ -38,32 +42,58 @@ def open_training_data(cfg: TrainConfig, world: World) -> TrainingData:
     """
     def open_split(split: str, size):
         return open_dataset(cfg.dataset, split, image_size=cfg.image_size, size=size, seed=cfg.data_seed,
-                            cache_dir=cfg.cache_dir, progress=cfg.progress and world.is_main)
+                            cache_dir=cfg.cache_dir, progress=cfg.progress and world.is_main, test=cfg.test_dataset,
+                            category=cfg.category)
 
     selection = None
     if world.is_main:
         train, test = open_split("train", cfg.train_size), open_split("test", cfg.test_size)
+        check_test_split(train, test)
         selection = select_labeled(train, cfg, progress=cfg.progress)
     world.barrier()
     if not world.is_main:
         train, test = open_split("train", cfg.train_size), open_split("test", cfg.test_size)
     labeled, how = world.broadcast(selection)
-    if cfg.shots > len(train):
-        raise ValueError(f"shots={cfg.shots} but the training split has only {len(train)} images")
-    return TrainingData(train=train, test=test, meta=train.meta, labeled=labeled, selection=how)
+    return TrainingData(train=train, test=test, meta=train.meta, labeled=labeled, selection=how,
+                        test_split=test.info.get("split_rule", "the dataset's own test split"))
+
+
+def _image_files(dataset) -> set:
+    return {os.path.normpath(os.path.abspath(r.image)) for r in getattr(dataset, "records", ())}
+
+
+def check_test_split(train, test) -> None:
+    """Refuse a test split that shares an image file with the training split, or that has
+    no labelled keypoint to measure (``ValueError`` naming the overlap / the split)."""
+    both = _image_files(train) & _image_files(test)
+    if both:
+        raise ValueError(f"the test split shares {len(both)} image(s) with the training split (e.g. {min(both)}): "
+                         f"the test metrics would be measured on training images; give a test set with no training "
+                         f"image in it (test_dataset / --test-dataset)")
+    if not (labeled_counts(test) > 0).any():
+        raise ValueError(f"the test split ({len(test)} images; {test.info.get('split_rule', 'its own')}) has no "
+                         f"labelled keypoint, so there is nothing to evaluate; give a labelled test set "
+                         f"(test_dataset / --test-dataset)")
 
 
 def select_labeled(train, cfg: TrainConfig, *, progress: bool = False) -> tuple[list[int], str]:
-    """``(indices, description)``: k-means selection (paper Sec. 3.6) or random (``--without kmeans``)."""
-    if cfg.shots > len(train):
-        raise ValueError(f"shots={cfg.shots} but the training split has only {len(train)} images")
+    """``(indices, description)``: k-means selection (paper Sec. 3.6) or random (``--without kmeans``),
+    among the training images that carry at least one labelled keypoint."""
+    counts = labeled_counts(train)
+    candidates = np.flatnonzero(counts > 0).tolist()
+    if cfg.shots > len(candidates):
+        raise ValueError(f"shots={cfg.shots} but only {len(candidates)} of the {len(train)} training images of "
+                         f"{cfg.dataset!r} have labelled keypoints: label more images or lower shots (--shots)")
+    every = len(candidates) == len(train)
+    among = "" if every else f" among the {len(candidates)} labelled images"
     if cfg.uses("kmeans"):
         idx, info = select_few_shot(train, cfg.shots, features=cfg.few_shot_features,
                                     seed=stream_seed(cfg.seed, "selection"),
-                                    progress=progress, return_info=True)
-        return [int(i) for i in idx], f"k-means over {info['features']}"
+                                    progress=progress, return_info=True, candidates=None if every else candidates)
+        return [int(i) for i in idx], f"k-means over {info['features']}{among}"
     g = torch.Generator().manual_seed(stream_seed(cfg.seed, "selection"))
-    return torch.randperm(len(train), generator=g)[:cfg.shots].tolist(), f"random (seed {cfg.seed})"
+    perm = torch.randperm(len(candidates), generator=g)[:cfg.shots].tolist()
+    return [candidates[i] for i in perm], f"random (seed {cfg.seed}){among}"
 
 
 class BatchStream:

@@ -323,6 +323,7 @@ class Trainer:
         cfg = self.cfg
         log = RunLog(self.out, total=cfg.iterations, start_step=self.step, every=cfg.log_every,
                      progress=cfg.progress, enabled=self.world.is_main, bar_keys={*self.objective.weights, "total"})
+        log.message(f"kpfast train: test split: {self.data.test_split}")
         t_train = time.perf_counter()
         first_step = self.step
         clock = StepClock(cfg.iterations, self.step)
@@ -393,7 +394,8 @@ class Trainer:
             "perceptual": self.perceptual.description if self.perceptual is not None else "none",
             "few_shot_selection": self.data.selection, "labeled_indices": self.data.labeled,
             "iterations": self.step, "resumed_from": self.resumed_from, "world_size": self.world.size,
-            "test": test, "labeled_fit": {"nme": fit["nme"], "pck@0.1": fit["pck@0.1"], "spread": fit["spread"]},
+            "test": test, "test_split": self.data.test_split,
+            "labeled_fit": {"nme": fit["nme"], "pck@0.1": fit["pck@0.1"], "spread": fit["spread"]},
             "reference": shape_baselines(self.data.train, self.data.labeled, self.data.test, meta=self.meta),
             "test_images": len(self.data.test), "train_images": len(self.data.train),
             "environment": {"device": str(self.device), "torch": torch.__version__, "python": platform.python_version(),

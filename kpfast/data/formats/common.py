@@ -10,6 +10,8 @@ kpfast convention.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -20,9 +22,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..coords import pixels_to_normalized
+from ..image_file import read_image
 from ..meta import KeypointMeta
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+# share of the images that form the test split of a source without a test set of its own
+TEST_FRACTION = 0.2
 
 
 class DatasetFormatError(ValueError):
@@ -42,20 +48,72 @@ def read_lines(path: Path, what: str) -> list[str]:
     return path.read_text(encoding="utf-8", errors="replace").splitlines()
 
 
-def parse_floats(tokens: Sequence[str], path, line: int, what: str) -> list[float]:
-    try:
-        return [float(t) for t in tokens]
-    except ValueError:
-        bad = next(t for t in tokens if not _is_float(t))
-        raise DatasetFormatError(path, f"{what}: {bad!r} is not a number", line) from None
+def parse_floats(tokens: Sequence[str], path, line: Optional[int], what: str) -> list[float]:
+    """``tokens`` as finite floats; a :class:`DatasetFormatError` naming ``path``, ``line`` and
+    the token for anything else (``abc``, ``nan``, ``inf``)."""
+    out = []
+    for t in tokens:
+        try:
+            v = float(t)
+        except (TypeError, ValueError):
+            raise DatasetFormatError(path, f"{what}: {t!r} is not a number", line) from None
+        if not math.isfinite(v):
+            raise DatasetFormatError(path, f"{what}: {t!r} is not a finite number", line)
+        out.append(v)
+    return out
 
 
-def _is_float(t: str) -> bool:
-    try:
-        float(t)
-        return True
-    except ValueError:
-        return False
+def json_number(value, path, where: str, what: str) -> float:
+    """A JSON value that must be a finite number (not a string, bool or null); ``where`` is
+    its JSON path (``annotations[3].keypoints[7]``) for the error message."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DatasetFormatError(path, f"{where}: {what} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise DatasetFormatError(path, f"{where}: {what} must be finite, got {value!r}")
+    return float(value)
+
+
+def check_box(box, path, where: str, line: Optional[int] = None) -> np.ndarray:
+    """``(x0, y0, x1, y1)`` pixel box: four finite numbers with ``x0 <= x1`` and ``y0 <= y1``."""
+    b = np.asarray(box, dtype=np.float64)
+    if b.shape != (4,):
+        raise DatasetFormatError(path, f"{where}: a box needs 4 numbers (x0, y0, x1, y1), got {len(b.reshape(-1))}",
+                                 line)
+    if not np.isfinite(b).all():
+        raise DatasetFormatError(path, f"{where}: box {b.tolist()} is not finite", line)
+    if b[2] < b[0] or b[3] < b[1]:
+        raise DatasetFormatError(path, f"{where}: box {b.tolist()} has x1 < x0 or y1 < y0", line)
+    return b
+
+
+def check_split(split: str, allowed: Sequence[str], fmt: str) -> None:
+    if split not in allowed:
+        raise ValueError(f"{fmt} splits are {', '.join(map(repr, allowed))}, got {split!r}")
+
+
+def hashed_split(key: str) -> str:
+    """``"test"`` for a fixed :data:`TEST_FRACTION` of keys, ``"train"`` for the rest: the first 8
+    bytes of the SHA-256 of ``key`` (UTF-8) as a big-endian integer, test below
+    ``TEST_FRACTION * 2**64``. A key keeps its side when other keys are added or removed."""
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+    return "test" if h < TEST_FRACTION * 2**64 else "train"
+
+
+def split_without_test_set(records: list, split: str, source, *, hash_split: bool = True) -> tuple[list, str]:
+    """The ``split`` of a source that has no test set of its own: ``(records, rule)``.
+
+    With ``hash_split`` a record goes to the side :func:`hashed_split` gives its
+    ``key`` (the image's path relative to the dataset, so every object of one image
+    lands on the same side); without it (the other split comes from elsewhere) every
+    record serves ``split``. ``rule`` says which, for the log and ``metrics.json``.
+    """
+    if split == "all":
+        return records, f"all of {source}"
+    if not hash_split:
+        return records, f"all of {source} (the other split is given separately)"
+    rule = (f"{source} has no test set of its own: {TEST_FRACTION:.0%} of its images form the test split, chosen "
+            f"by the SHA-256 of each image's relative path (stable when images are added), the rest the train split")
+    return [r for r in records if hashed_split(r.key) == split], rule
 
 
 @dataclass
@@ -68,6 +126,7 @@ class Record:
     labeled: np.ndarray  # [K] bool
     box: Optional[np.ndarray] = None  # [4] x0, y0, x1, y1 (pixel coordinates) or None = whole image
     extra: dict = field(default_factory=dict)
+    key: str = ""  # the image's path relative to the dataset (what a hashed split hashes)
 
 
 def crop_box(box: Optional[np.ndarray], width: int, height: int, margin: float) -> tuple[float, float, float]:
@@ -113,13 +172,18 @@ class RealKeypointDataset(Dataset):
     """
 
     def __init__(self, records: list, meta: KeypointMeta, *, image_size: int = 128, margin: float = 0.25,
-                 name: str = "real", info: Optional[dict] = None):
+                 name: str = "real", info: Optional[dict] = None, source=None):
         if not records:
-            raise ValueError(f"{name}: no samples found")
+            split, rule = (info or {}).get("split"), (info or {}).get("split_rule")
+            hint = "; give a separate test set (open_dataset(..., test=PATH), --test-dataset)" if split == "test" else ""
+            raise DatasetFormatError(source if source is not None else name, "no samples" + (
+                f" in the {split!r} split" if split else "") + (f" ({rule})" if rule else "") + hint)
         k = meta.num_keypoints
         for r in records:
             if r.keypoints.shape != (k, 2):
                 raise ValueError(f"{r.image}: {r.keypoints.shape[0]} keypoints, but meta {meta.name!r} has {k}")
+            if not np.isfinite(r.keypoints[r.labeled]).all():
+                raise DatasetFormatError(r.extra.get("source", r.image), "a labelled keypoint is not finite")
         self.records = records
         self.meta = meta
         self.image_size = int(image_size)
@@ -130,14 +194,12 @@ class RealKeypointDataset(Dataset):
         return len(self.records)
 
     def load_image(self, i: int) -> Image.Image:
-        path = self.records[i].image
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except FileNotFoundError:
-            raise DatasetFormatError(path, "image file not found") from None
-        except OSError as e:
-            raise DatasetFormatError(path, f"cannot read image ({e})") from None
+        """The RGB image of record ``i`` (:func:`kpfast.data.image_file.read_image`)."""
+        return read_image(self.records[i].image)
+
+    def labeled_counts(self) -> np.ndarray:
+        """``[N]`` number of labelled keypoints of each sample (no image is read)."""
+        return np.array([int(r.labeled.sum()) for r in self.records], dtype=np.int64)
 
     def __getitem__(self, i: int) -> dict:
         n = len(self)

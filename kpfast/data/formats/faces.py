@@ -5,7 +5,10 @@ one face per line: 196 coordinates ``x0 y0 ... x97 y97``, the box ``x_min y_min
 x_max y_max``, six 0/1 attribute flags (pose, expression, illumination, make-up,
 occlusion, blur) and the image path relative to ``WFLW_images/``. Coordinates are
 used as 0-based pixel positions. All points labeled and visible (WFLW has no
-per-point occlusion flag; the attributes are kept in ``record.extra``).
+per-point occlusion flag; the attributes are kept in ``record.extra``). From the root
+folder, ``train``/``test`` are WFLW's own lists; one list file given alone has no
+test set of its own and is split by image path
+(:func:`~kpfast.data.formats.common.split_without_test_set`).
 
 300-W / iBUG: image files with a ``.pts`` beside them::
 
@@ -17,7 +20,9 @@ per-point occlusion flag; the attributes are kept in ``record.extra``).
 
 The box is the landmarks' bounding box. Splits: ``test`` = files under a folder
 named ``testset``/``test*`` or ``ibug`` (300-W's common/challenging test sets),
-``train`` = the rest, ``all`` = everything.
+``train`` = the rest, ``all`` = everything. A tree (or one file) with no such
+folder, or with nothing outside one, has no test set of its own and is split by
+image path (:func:`~kpfast.data.formats.common.split_without_test_set`).
 """
 
 from __future__ import annotations
@@ -28,16 +33,13 @@ from typing import Optional
 import numpy as np
 
 from ..skeletons import face68_meta, wflw98_meta
-from .common import DatasetFormatError, Record, RealKeypointDataset, find_image, limit, parse_floats, read_lines
+from .common import (DatasetFormatError, Record, RealKeypointDataset, check_box, check_split, find_image, limit,
+                     parse_floats, read_lines, split_without_test_set)
 
 WFLW_ATTRIBUTES = ("pose", "expression", "illumination", "make_up", "occlusion", "blur")
 
 
 def _wflw_annotation(path: Path, split: str) -> Path:
-    if path.is_file():
-        return path
-    if split not in ("train", "test"):
-        raise ValueError(f"WFLW has splits 'train' and 'test', got {split!r}")
     name = f"list_98pt_rect_attr_{split}.txt"
     for cand in (path / "WFLW_annotations" / "list_98pt_rect_attr_train_test" / name,
                  path / "list_98pt_rect_attr_train_test" / name, path / name):
@@ -58,11 +60,7 @@ def _wflw_image_root(ann: Path, root: Path) -> Path:
     return root
 
 
-def wflw_dataset(path: Path, split: str = "train", *, image_size: int = 128, size: Optional[int] = None,
-                 margin: float = 0.25) -> RealKeypointDataset:
-    """WFLW from its root folder (or one annotation list file)."""
-    ann = _wflw_annotation(path, split)
-    images = _wflw_image_root(ann, path if path.is_dir() else ann.parent)
+def _wflw_records(ann: Path, images: Path) -> list:
     records = []
     for ln, line in enumerate(read_lines(ann, "WFLW annotation list"), start=1):
         tok = line.split()
@@ -73,12 +71,31 @@ def wflw_dataset(path: Path, split: str = "train", *, image_size: int = 128, siz
                                           f"found {len(tok)}", ln)
         vals = parse_floats(tok[:206], ann, ln, "coordinates")
         kp = np.asarray(vals[:196], dtype=np.float64).reshape(98, 2)
-        box = np.asarray(vals[196:200], dtype=np.float64)
+        box = check_box(vals[196:200], ann, "box", ln)
         attrs = dict(zip(WFLW_ATTRIBUTES, (int(v) for v in vals[200:206])))
         records.append(Record(image=images / tok[206], keypoints=kp, visible=np.ones(98, bool),
-                              labeled=np.ones(98, bool), box=box, extra={"attributes": attrs, "source": f"{ann}:{ln}"}))
+                              labeled=np.ones(98, bool), box=box, extra={"attributes": attrs, "source": f"{ann}:{ln}"},
+                              key=tok[206]))
+    if not records:
+        raise DatasetFormatError(ann, "no faces: the annotation list is empty")
+    return records
+
+
+def wflw_dataset(path: Path, split: str = "train", *, image_size: int = 128, size: Optional[int] = None,
+                 margin: float = 0.25, hash_split: bool = True) -> RealKeypointDataset:
+    """WFLW from its root folder (or one annotation list file)."""
+    check_split(split, ("train", "test", "all"), "WFLW")
+    if path.is_file():
+        records, rule = split_without_test_set(_wflw_records(path, _wflw_image_root(path, path.parent)), split, path,
+                                               hash_split=hash_split)
+        anns = [path]
+    else:
+        anns = [_wflw_annotation(path, s) for s in (("train", "test") if split == "all" else (split,))]
+        records = [r for ann in anns for r in _wflw_records(ann, _wflw_image_root(ann, path))]
+        rule = "WFLW's own train and test annotation lists"
     return RealKeypointDataset(limit(records, size), wflw98_meta(), image_size=image_size, margin=margin, name="wflw",
-                               info={"annotation": str(ann), "split": split})
+                               info={"annotation": ", ".join(map(str, anns)), "split": split, "split_rule": rule},
+                               source=anns[0])
 
 
 def read_pts(path: Path) -> np.ndarray:
@@ -118,17 +135,15 @@ def _is_test(p: Path, root: Path) -> bool:
 
 
 def ibug_dataset(path: Path, split: str = "train", *, image_size: int = 128, size: Optional[int] = None,
-                 margin: float = 0.25) -> RealKeypointDataset:
+                 margin: float = 0.25, hash_split: bool = True) -> RealKeypointDataset:
     """A folder tree of images with iBUG ``.pts`` files (300-W), 68 points."""
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"300-W splits are 'train', 'test' and 'all', got {split!r}")
+    check_split(split, ("train", "test", "all"), "300-W")
+    root = path if path.is_dir() else path.parent
     files = [path] if path.is_file() else sorted(path.rglob("*.pts"))
     if not files:
         raise DatasetFormatError(path, "no .pts files found")
     records = []
     for f in files:
-        if path.is_dir() and split != "all" and _is_test(f, path) != (split == "test"):
-            continue
         pts = read_pts(f)
         if pts.shape[0] != 68:
             raise DatasetFormatError(f, f"has {pts.shape[0]} points; the 300-W reader expects 68", 2)
@@ -137,8 +152,13 @@ def ibug_dataset(path: Path, split: str = "train", *, image_size: int = 128, siz
             raise DatasetFormatError(f, "no image with the same name next to it")
         box = np.concatenate([pts.min(axis=0), pts.max(axis=0)])
         records.append(Record(image=img, keypoints=pts, visible=np.ones(68, bool), labeled=np.ones(68, bool), box=box,
-                              extra={"source": str(f)}))
-    if not records:
-        raise DatasetFormatError(path, f"no .pts files in the {split!r} split (test = folders named test*/ibug)")
+                              extra={"source": str(f), "test": _is_test(f, root)},
+                              key=img.relative_to(root).as_posix()))
+    tags = {r.extra["test"] for r in records}
+    if split == "all" or tags != {True, False}:
+        records, rule = split_without_test_set(records, split, path, hash_split=hash_split)
+    else:
+        records = [r for r in records if r.extra["test"] == (split == "test")]
+        rule = "300-W's folders: test = files under folders named test* or ibug, train = the rest"
     return RealKeypointDataset(limit(records, size), face68_meta(), image_size=image_size, margin=margin, name="300w",
-                               info={"root": str(path), "split": split})
+                               info={"root": str(path), "split": split, "split_rule": rule}, source=path)

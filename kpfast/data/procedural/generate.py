@@ -165,5 +165,6 @@ def procedural_dataset(category: str, split: str = "train", *, image_size: int =
         lambda: generate_arrays(category, split, n, image_size=image_size, seed=seed, batch_size=batch_size,
                                 supersample=supersample, progress=progress, workers=workers),
         prefix=f"{category}-{split}-{n}-{image_size}px-seed{seed}", cache_dir=cache_dir)
-    info = dict(params, cache_folder=str(folder), cached=hit, seconds=time.perf_counter() - t0)
+    info = dict(params, cache_folder=str(folder), cached=hit, seconds=time.perf_counter() - t0,
+                split_rule=f"procedural: the {split!r} split is rendered from its own random streams")
     return KeypointArrayDataset(arrays, cat.meta, info=info)
