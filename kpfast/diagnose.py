@@ -175,6 +175,8 @@ def recon_checks(train, test, cfg, *, steps: int, margin: float = 0.05, min_cosi
             rec = unet(torch.cat([edge_input(variant, edge_map, test_b["keypoints"]), test_masked], 1))
             loss, parts = reconstruction_loss(rec, test_b["image"], perceptual)
         results[variant] = {"loss": loss.item(), **{k: float(v) for k, v in parts.items()}}
+        if variant != "zero":
+            results[variant]["alpha"] = float(edge_map.alpha.detach())
         if variant == "true":
             trained = (unet, edge_map)
     best_other = min(results["zero"]["loss"], results["shuffled"]["loss"])
