@@ -78,6 +78,21 @@ def test_detector_readouts_are_softmax_expectations_of_its_maps():
     torch.testing.assert_close(out.depth, torch.tanh((w * dep).sum((-1, -2)) / 3.0), msg=f"seed {seed}")
 
 
+def test_channels_last_detector_hands_soft_argmax_contiguous_planes_and_keeps_its_outputs():
+    """The head's maps are made contiguous once, so soft_argmax reads them in place (no per-plane copies),
+    and a channels_last detector computes what the contiguous one does."""
+    torch.manual_seed(0)
+    det = KeypointDetector(3, widths=(8, 16), up_widths=(8,))
+    images = torch.rand(2, 3, 32, 32)
+    ref = det(images)
+    det_cl = det.to(memory_format=torch.channels_last)
+    out = det_cl(images.contiguous(memory_format=torch.channels_last))
+    assert out.heatmaps.stride()[-2:] == (out.heatmaps.shape[-1], 1), "heatmap planes are contiguous"
+    assert out.uncertainty_maps.stride()[-2:] == (out.uncertainty_maps.shape[-1], 1)
+    torch.testing.assert_close(out.keypoints, ref.keypoints)
+    torch.testing.assert_close(out.depth, ref.depth)
+
+
 def test_detector_rejects_bad_input():
     with pytest.raises(ValueError, match="images must be"):
         KeypointDetector(3, widths=(8,), up_widths=())(torch.rand(2, 1, 16, 16))

@@ -105,7 +105,9 @@ class KeypointDetector(nn.Module):
         """``images [B, 3, S, S]`` in ``[0, 1]`` -> :class:`Detections`."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-        maps = self.head(self.up(self.down(self.stem(images - 0.5))))
+        # one copy to contiguous planes: soft_argmax then reads the three channel groups in place (with
+        # channels_last it copied each of them, and their gradients, plane by plane)
+        maps = self.head(self.up(self.down(self.stem(images - 0.5)))).contiguous()
         B, _, h, w = maps.shape
         maps = maps.view(B, 3, self.num_keypoints, h, w)
         heat, unc, dep = maps.unbind(1)
