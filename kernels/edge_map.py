@@ -51,7 +51,10 @@ def _load_edge(kp_ptr, edges_ptr, unc_ptr, w_ptr, b, e, K, w_bstride, eps, HAS_U
     aby = by - ay
     len2 = abx * abx + aby * aby
     point = len2 < eps
-    return ax, ay, bx, by, abx, aby, len2, point, vi, vj, w
+    # NaN or inf among the edge's inputs (x * 0 is 0 only for finite x): never culled, since the
+    # compiled tl.maximum/tl.minimum drop a NaN operand and would make its upper bound finite.
+    finite = (ax * 0.0 + ay * 0.0 + bx * 0.0 + by * 0.0 + vi * 0.0 + vj * 0.0 + w * 0.0) == 0.0
+    return ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, finite
 
 
 @triton.jit
@@ -138,11 +141,11 @@ def _edge_map_fwd_kernel(
     x1 = tl.minimum(c0 + BLOCK_W - 1, W - 1).to(DT) * step_x - 1.0
     s2 = tl.load(s2_ptr).to(DT)
 
-    best = tl.full([BLOCK_H, BLOCK_W], -1.0, DT)  # below any S_e: edge 0 always wins first
+    best = tl.full([BLOCK_H, BLOCK_W], float("-inf"), DT)
     arg = tl.full([BLOCK_H, BLOCK_W], -1, tl.int32)
     tile_min = tl.min(tl.min(best, 1), 0)
     for e in range(0, E):
-        ax, ay, bx, by, abx, aby, len2, point, vi, vj, w = _load_edge(
+        ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, finite = _load_edge(
             kp_ptr, edges_ptr, unc_ptr, w_ptr, b, e, K, w_bstride, eps, HAS_U, HAS_W, DT)
         tol = tol_scale * (2.0 + ax * ax + ay * ay + bx * bx + by * by)
         dmin2 = tl.maximum(_segment_box_dist2(ax, ay, bx, by, abx, aby, len2, point, x0, y0, x1, y1) - tol, 0.0)
@@ -156,11 +159,11 @@ def _edge_map_fwd_kernel(
         else:
             ub = tl.exp(-dmin2 / s2)
         ub = ub * w * 1.0001
-        culled = (w >= 0.0) & (ub <= tile_min)
+        culled = finite & (w >= 0.0) & (ub <= tile_min)
         if culled == 0:
             _, _, _, _, _, _, _, _, _, s = _evaluate(
                 px, py, ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, s2, HAS_U, PRECISION)
-            win = (s > best) | ((s != s) & (best == best))
+            win = (s > best) | (arg < 0) | ((s != s) & (best == best))  # as torch.max: edge 0 first, NaN sticks
             best = tl.where(win, s, best)
             arg = tl.where(win, e, arg)
             tile_min = tl.min(tl.min(tl.where(valid, best, float("inf")), 1), 0)
@@ -197,9 +200,12 @@ def _edge_map_bwd_kernel(
 
     for e in range(0, E):
         mine = winner == e
-        if tl.max(tl.max(mine.to(tl.int32), 1), 0) > 0:
-            ax, ay, bx, by, abx, aby, len2, point, vi, vj, w = _load_edge(
-                kp_ptr, edges_ptr, unc_ptr, w_ptr, b, e, K, w_bstride, eps, HAS_U, HAS_W, DT)
+        ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, finite = _load_edge(
+            kp_ptr, edges_ptr, unc_ptr, w_ptr, b, e, K, w_bstride, eps, HAS_U, HAS_W, DT)
+        # An edge with a non-finite input also passes 0 * (its derivatives) from every pixel it
+        # does not win, as autograd through the reference does: NaN reaches exactly its inputs.
+        sel = mine | (valid & (finite == 0))
+        if tl.max(tl.max(sel.to(tl.int32), 1), 0) > 0:
             apx, apy, t_raw, t, qx, qy, d2, u, ex, s = _evaluate(
                 px, py, ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, s2, HAS_U, PRECISION)
             if PRECISION:  # S = w exp(-u d2 / s2)
@@ -213,10 +219,13 @@ def _edge_map_bwd_kernel(
                 du = ex * w
                 ds2 = s * d2 / (s2 * s2)
             # d2 is minimal in t, so its gradient ignores t: dd2/da = -2 q (1 - t), dd2/db = -2 q t.
-            gax = dd2 * -2.0 * qx * (1.0 - t)
-            gay = dd2 * -2.0 * qy * (1.0 - t)
-            gbx = dd2 * -2.0 * qx * t
-            gby = dd2 * -2.0 * qy * t
+            # Beyond an end (t clamped to 0 or 1) the other end gets nothing, not 0 * dd2 (NaN stays put).
+            past_b = t_raw >= 1.0
+            past_a = t_raw <= 0.0
+            gax = tl.where(past_b, 0.0, dd2 * -2.0 * qx * (1.0 - t))
+            gay = tl.where(past_b, 0.0, dd2 * -2.0 * qy * (1.0 - t))
+            gbx = tl.where(past_a, 0.0, dd2 * -2.0 * qx * t)
+            gby = tl.where(past_a, 0.0, dd2 * -2.0 * qy * t)
             if HAS_U:
                 dz = du * u * (1.0 - u)
                 gvi = dz * (1.0 - t)
@@ -231,14 +240,14 @@ def _edge_map_bwd_kernel(
                 gvi = d2 * 0.0
                 gvj = d2 * 0.0
             g = tl.where(mine, go, 0.0)
-            tl.store(part + e * 8 + 0, tl.sum(tl.sum(tl.where(mine, g * gax, 0.0), 1), 0))
-            tl.store(part + e * 8 + 1, tl.sum(tl.sum(tl.where(mine, g * gay, 0.0), 1), 0))
-            tl.store(part + e * 8 + 2, tl.sum(tl.sum(tl.where(mine, g * gbx, 0.0), 1), 0))
-            tl.store(part + e * 8 + 3, tl.sum(tl.sum(tl.where(mine, g * gby, 0.0), 1), 0))
-            tl.store(part + e * 8 + 4, tl.sum(tl.sum(tl.where(mine, g * gvi, 0.0), 1), 0))
-            tl.store(part + e * 8 + 5, tl.sum(tl.sum(tl.where(mine, g * gvj, 0.0), 1), 0))
-            tl.store(part + e * 8 + 6, tl.sum(tl.sum(tl.where(mine, g * dw, 0.0), 1), 0))
-            tl.store(part + e * 8 + 7, tl.sum(tl.sum(tl.where(mine, g * ds2, 0.0), 1), 0))
+            tl.store(part + e * 8 + 0, tl.sum(tl.sum(tl.where(sel, g * gax, 0.0), 1), 0))
+            tl.store(part + e * 8 + 1, tl.sum(tl.sum(tl.where(sel, g * gay, 0.0), 1), 0))
+            tl.store(part + e * 8 + 2, tl.sum(tl.sum(tl.where(sel, g * gbx, 0.0), 1), 0))
+            tl.store(part + e * 8 + 3, tl.sum(tl.sum(tl.where(sel, g * gby, 0.0), 1), 0))
+            tl.store(part + e * 8 + 4, tl.sum(tl.sum(tl.where(sel, g * gvi, 0.0), 1), 0))
+            tl.store(part + e * 8 + 5, tl.sum(tl.sum(tl.where(sel, g * gvj, 0.0), 1), 0))
+            tl.store(part + e * 8 + 6, tl.sum(tl.sum(tl.where(sel, g * dw, 0.0), 1), 0))
+            tl.store(part + e * 8 + 7, tl.sum(tl.sum(tl.where(sel, g * ds2, 0.0), 1), 0))
 
 
 def _tl_dtype(dtype: torch.dtype):

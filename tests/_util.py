@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import torch
@@ -16,6 +17,47 @@ def kernel_backends() -> list[str]:
     if interpreting_triton() or torch.cuda.is_available():
         out.append("triton")
     return out
+
+
+def nan_rule_cases() -> list[tuple[str, str | None]]:
+    """(backend, NaN rule of min/max) pairs: the C++ kernels; the Triton kernels under the
+    interpreter once with the compiled GPU rule and once with IEEE propagation (see
+    :func:`interpreter_min_max_nan`), or compiled on a GPU (its own rule)."""
+    out: list[tuple[str, str | None]] = [("cpp", None)]
+    if interpreting_triton():
+        out += [("triton", "drop"), ("triton", "propagate")]
+    elif torch.cuda.is_available():
+        out.append(("triton", None))
+    return out
+
+
+@contextlib.contextmanager
+def interpreter_min_max_nan(rule: str | None):
+    """Run the Triton interpreter with a NaN rule for ``tl.maximum``/``tl.minimum`` and the
+    ``tl.max``/``tl.min`` reductions: ``"drop"`` returns the non-NaN operand, as compiled code
+    does on the GPU (PTX ``max.f32``), ``"propagate"`` returns NaN (IEEE maximum); None leaves
+    the interpreter as it is. A kernel whose results depend on the rule is wrong on one of them."""
+    if rule is None:
+        yield
+        return
+    import numpy as np
+    from triton.runtime import interpreter
+
+    pairwise = {"drop": (np.fmax, np.fmin), "propagate": (np.maximum, np.minimum)}[rule]
+    reduce = {"drop": {np.max: np.nanmax, np.min: np.nanmin}, "propagate": {np.nanmax: np.max, np.nanmin: np.min}}[rule]
+    builder, ops = interpreter.InterpreterBuilder, interpreter.ReduceOps
+    saved = builder.create_maxnumf, builder.create_minnumf, ops.min_max
+
+    def min_max(self, input, val_reduce_op, idx_reduce_op=None):
+        return saved[2](self, input, reduce.get(val_reduce_op, val_reduce_op), idx_reduce_op)
+
+    builder.create_maxnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, pairwise[0])
+    builder.create_minnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, pairwise[1])
+    ops.min_max = min_max
+    try:
+        yield
+    finally:
+        builder.create_maxnumf, builder.create_minnumf, ops.min_max = saved
 
 
 def device_for(backend: str) -> torch.device:

@@ -9,7 +9,8 @@ import torch
 import kpfast
 from kpfast.reference import edge_map_reference
 
-from _util import assert_close, device_for, fresh_generator, kernel_backends, run, tolerances
+from _util import (assert_close, device_for, fresh_generator, interpreter_min_max_nan, kernel_backends, nan_rule_cases,
+                   run, tolerances)
 
 BACKENDS = kernel_backends()
 
@@ -122,14 +123,39 @@ def test_degenerate_inputs_give_finite_values_and_gradients(backend, mode):
             assert (out == 0).all() and all((g == 0).all() for g in grads)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_keypoint_is_not_hidden(backend):
-    device = device_for(backend)
-    kp = torch.tensor([[[-0.5, 0.0], [0.5, 0.0], [float("nan"), 0.2]]], device=device)
-    out = run(backend, kpfast.edge_map, kp, [(0, 1), (1, 2)], 9, sigma2=0.05)
-    ref = edge_map_reference(kp.cpu(), [(0, 1), (1, 2)], 9, sigma2=0.05)
-    assert torch.isnan(out).any()
-    assert torch.equal(torch.isnan(out.cpu()), torch.isnan(ref))
+def _nan_problem(where: str, device):
+    """Two edges far apart (issue 16's layout): NaN in one input of the second edge."""
+    kp = torch.tensor([[[-0.6, -0.6], [0.6, -0.6], [0.0, 0.7], [0.5, 0.7], [0.9, 0.9]]], dtype=torch.float64)
+    unc = torch.zeros(1, 5, dtype=torch.float64)
+    w = torch.tensor([1.0, 0.8, 0.5], dtype=torch.float64)
+    {"keypoint": kp[0, 3], "uncertainty": unc[0, 3:4], "edge_weight": w[1:2]}[where][0] = float("nan")
+    leaves = [t.to(device).requires_grad_() for t in (kp, unc, w, torch.tensor(0.01, dtype=torch.float64))]
+    return leaves, torch.tensor([(0, 1), (2, 3), (0, 4)], device=device)
+
+
+@pytest.mark.parametrize("backend, nan_rule", nan_rule_cases())
+@pytest.mark.parametrize("where", ["keypoint", "uncertainty", "edge_weight"])
+@pytest.mark.parametrize("mode", ["intensity", "precision"])
+def test_nan_input_gives_the_references_nan_pixels_and_gradients(backend, nan_rule, where, mode):
+    """Documented: NaN wins the max (every pixel of the sample is NaN); NaN gradients reach the inputs
+    of the edges with a NaN input (here keypoints 2, 3, their logits, the weight of edge 1 and sigma2),
+    as autograd through the reference gives, on either NaN rule of min/max (tile culling must not
+    drop a NaN: issue 16 measured 2048 NaN pixels of 4096 at 64 x 64 with a NaN logit)."""
+    leaves, edges = _nan_problem(where, device_for(backend))
+    kp, unc, w, s2 = leaves
+    with interpreter_min_max_nan(nan_rule):
+        out = run(backend, kpfast.edge_map, kp, edges, 32, uncertainty=unc, edge_weight=w, sigma2=s2, mode=mode)
+        got = torch.autograd.grad(out.sum(), leaves)
+    ref_leaves = [t.detach().cpu().requires_grad_() for t in leaves]
+    ref = edge_map_reference(ref_leaves[0], edges.cpu(), 32, uncertainty=ref_leaves[1], edge_weight=ref_leaves[2],
+                             sigma2=ref_leaves[3], mode=mode)
+    want = torch.autograd.grad(ref.sum(), ref_leaves)
+    assert torch.isnan(out).all() and torch.isnan(ref).all()
+    for name, g, r in zip(("keypoints", "uncertainty", "edge_weight", "sigma2"), got, want):
+        g = g.cpu()
+        assert torch.equal(torch.isnan(g), torch.isnan(r)), f"d/d{name}: NaN at {torch.isnan(g)}, reference {torch.isnan(r)}"
+        torch.testing.assert_close(g.nan_to_num(), r.nan_to_num(), rtol=1e-9, atol=1e-12, msg=f"d/d{name}")
+    assert not torch.isnan(got[0][0, [0, 1, 4]]).any(), "NaN reached keypoints of finite edges"
 
 
 # The Triton interpreter computes bf16/fp16 arithmetic wrongly (DESIGN.md): half precision on Triton is a GPU test.

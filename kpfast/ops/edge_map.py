@@ -123,17 +123,31 @@ def _setup_context(ctx, inputs, output):
     ctx.precision, ctx.backend = precision, backend
 
 
+def _edge_sum(per_edge: Tensor, incidence: Tensor) -> Tensor:
+    """``[B, E, C]`` per-edge values summed into their keypoints, ``[B, K, C]``, with the 0/1
+    ``incidence [E, K]`` of one endpoint: a product with one-hot matrices (deterministic on every
+    device), in which a non-finite value reaches only its own keypoints (a plain product would
+    spread ``0 * NaN`` to every keypoint): finite parts are summed by the product, and the NaN and
+    infinities are counted by keypoint and put back as a sum would give them."""
+    finite = torch.isfinite(per_edge)
+    total = torch.einsum("bec,ek->bkc", torch.where(finite, per_edge, 0.0), incidence)
+    inf = float("inf")
+    kinds = torch.stack((per_edge.isnan(), per_edge == inf, per_edge == -inf), -1).to(incidence.dtype)
+    nan, pos, neg = (torch.einsum("becf,ek->bkcf", kinds, incidence) > 0).unbind(-1)
+    total = torch.where(pos, inf, torch.where(neg, -inf, total))
+    return torch.where(nan | (pos & neg), float("nan"), total)
+
+
 def _backward(ctx, grad_out, _grad_winner):
     keypoints, edges, uncertainty, edge_weight, sigma2, winner = ctx.saved_tensors
     ge = _edge_map_backward_op(grad_out, winner, keypoints, edges, uncertainty, edge_weight, sigma2, ctx.precision, ctx.backend)
     K = keypoints.shape[1]
-    # Edge -> keypoint scatter as a product with one-hot incidence matrices: deterministic on every device.
     first = F.one_hot(edges[:, 0], K).to(ge.dtype)
     second = F.one_hot(edges[:, 1], K).to(ge.dtype)
-    grad_kp = torch.einsum("bec,ek->bkc", ge[..., 0:2], first) + torch.einsum("bec,ek->bkc", ge[..., 2:4], second)
+    grad_kp = _edge_sum(ge[..., 0:2], first) + _edge_sum(ge[..., 2:4], second)
     grad_unc = grad_w = None
     if uncertainty is not None and ctx.needs_input_grad[4]:
-        grad_unc = (ge[..., 4] @ first + ge[..., 5] @ second).to(uncertainty.dtype)
+        grad_unc = (_edge_sum(ge[..., 4:5], first) + _edge_sum(ge[..., 5:6], second))[..., 0].to(uncertainty.dtype)
     if edge_weight is not None and ctx.needs_input_grad[5]:
         gw = ge[..., 6]
         grad_w = (gw if edge_weight.dim() == 2 else gw.sum(0)).to(edge_weight.dtype)
@@ -217,8 +231,16 @@ def edge_map(
         ``[B, H, W]`` in the dtype of ``keypoints`` (float16, bfloat16, float32 or float64;
         kernels accumulate in float32, float64 for float64).
 
-    Non-finite inputs are not hidden: a NaN keypoint, logit or weight makes every
-    pixel its edge wins (and every pixel where it is the first NaN) NaN.
+    Degenerate and non-finite inputs: zero-length edges, ``E = 0`` (zeros), ``K = 1``,
+    coincident keypoints and zero weights give finite values and gradients. ``S_e``
+    follows IEEE arithmetic and NaN wins the max as in ``torch.max`` (the lowest NaN
+    edge is the pixel's winner), so a NaN among an edge's inputs (either keypoint, its
+    logit, the edge's weight) makes every pixel of that sample NaN; infinite inputs give
+    infinite or NaN values. Gradients are those of autograd through the reference: each
+    pixel's goes to its winner, and an edge with a NaN or infinite input also passes
+    ``0 *`` its derivatives from every other pixel, so NaN gradients reach only the
+    inputs of such edges and ``sigma2``; inputs of finite edges keep finite gradients
+    (zero where a NaN edge wins every pixel). Same on every backend.
     The backend follows :func:`kpfast.use_backend` (CUDA: Triton, CPU: C++).
 
     Example:
