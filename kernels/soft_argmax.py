@@ -235,7 +235,8 @@ def _soft_argmax_bwd_kernel(
             if NEED_R:
                 tl.store(gr_row + c * g_sc + offs, (g * w).to(gr_ptr.dtype.element_ty), mask=ok)
         if NEED_H:
-            tl.store(gh_ptr + row64 * HW + offs, (beta * w * delta).to(gh_ptr.dtype.element_ty), mask=ok)
+            gh = tl.where(hv == neg_inf, 0.0, beta * w * delta)  # a masked pixel gets none (not 0 * NaN)
+            tl.store(gh_ptr + row64 * HW + offs, gh.to(gh_ptr.dtype.element_ty), mask=ok)
         if NEED_BETA:
             gb += tl.where(hv == neg_inf, 0.0, w * (hv - c0) * delta)
     if NEED_BETA:
