@@ -42,6 +42,28 @@ def test_edge_map_compiles_fullgraph_and_matches_eager():
         torch.testing.assert_close(a, b, msg=f"seed {seed}")
 
 
+def test_reference_backend_compiles_fullgraph_and_still_checks_edges():
+    """The reference backend's value checks broke torch.compile(fullgraph=True) on a data-dependent guard."""
+    gen, seed = fresh_generator()
+    kp, edges, unc, w, s2 = edge_map_problem(gen)
+    heat, readouts, beta = soft_argmax_problem(gen)
+
+    def f(kp, s2, heat, edges):
+        em = kpfast.edge_map(kp, edges, (9, 12), uncertainty=unc, edge_weight=w, sigma2=s2)
+        keypoints, values = kpfast.soft_argmax(heat, readouts, beta=beta)
+        return em.square().sum() + keypoints.sum() + values.sum()
+
+    with kpfast.use_backend("reference"):
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        got = compiled(kp, s2, heat, edges)
+        want = f(kp, s2, heat, edges)
+        for a, b in zip(torch.autograd.grad(got, (kp, s2, heat)), torch.autograd.grad(want, (kp, s2, heat))):
+            torch.testing.assert_close(a, b, msg=f"seed {seed}")
+        with pytest.raises(ValueError, match="edges"):
+            compiled(kp, s2, heat, torch.cat([edges[:-1], torch.tensor([[0, 5]])]))
+    torch.testing.assert_close(got, want, msg=f"seed {seed}")
+
+
 @pytest.mark.slow
 def test_edge_map_compiles_with_inductor():
     gen, seed = fresh_generator()

@@ -95,9 +95,10 @@ def test_gradcheck_float64(backend, mode):
     assert ok, f"gradcheck failed (seed {seed})"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 @pytest.mark.parametrize("mode", ["intensity", "precision"])
 def test_degenerate_inputs_give_finite_values_and_gradients(backend, mode):
+    """Every backend, the reference included (at E = 0 it returned zeros without a grad_fn)."""
     device = device_for(backend)
     gen, seed = fresh_generator()
     kp = torch.rand(1, 3, 2, generator=gen, dtype=torch.float64).to(device) * 2 - 1
@@ -173,6 +174,25 @@ def test_half_inputs_return_half_outputs_close_to_float32(backend, dtype):
     assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_inputs_of_mixed_float_dtypes_are_computed_in_the_keypoints_dtype(backend):
+    """float32 keypoints with float64 logits, float16 weights and a float64 sigma2: every backend
+    computes in float32 (C++ rejected the mix), returns float32 and each gradient in its input's dtype."""
+    gen, seed = fresh_generator()
+    problem = make_problem(gen, dtype=torch.float32, device=device_for(backend))
+    mixed = dict(problem)
+    for name, dtype in (("uncertainty", torch.float64), ("edge_weight", torch.float16), ("sigma2", torch.float64)):
+        mixed[name] = problem[name].detach().to(dtype).requires_grad_()
+    out = run(backend, call, mixed, "intensity")
+    assert out.dtype == torch.float32
+    same = {k: (v.detach().to(torch.float32) if k in ("uncertainty", "edge_weight", "sigma2") else v) for k, v in mixed.items()}
+    want = run(backend, call, same, "intensity")
+    assert_close(out.detach().cpu(), want.detach().cpu(), rtol=0, atol=0, what="mixed vs float32", seed=seed)
+    grads = torch.autograd.grad(out.sum(), differentiable(mixed))
+    assert [g.dtype for g in grads] == [t.dtype for t in differentiable(mixed)]
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 def test_edges_as_pairs_or_tensor_agree():
     gen, seed = fresh_generator()
     kp = torch.rand(2, 4, 2, generator=gen) * 2 - 1
@@ -197,6 +217,10 @@ def test_size_int_means_square():
         (dict(edges=torch.tensor([[0.0, 1.0]])), TypeError, "edges"),
         (dict(edges=torch.tensor([0, 1, 2])), ValueError, "edges"),
         (dict(edges=[(0, 1, 2)]), ValueError, "edges"),
+        (dict(edges=[(0.7, 1.9)]), TypeError, "edges"),  # was truncated to (0, 1)
+        (dict(edges=[(True, 1)]), TypeError, "edges"),
+        (dict(edges=[0, 1, 2]), ValueError, "edges"),
+        (dict(edges="01"), TypeError, "edges"),
         (dict(uncertainty=torch.zeros(2, 4)), ValueError, "uncertainty"),
         (dict(uncertainty=torch.zeros(1, 3)), ValueError, "uncertainty"),
         (dict(edge_weight=torch.ones(3)), ValueError, "edge_weight"),

@@ -3,6 +3,7 @@ autograd, and dispatch to the Triton (CUDA) or C++ (CPU) kernels."""
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -29,12 +30,24 @@ def _check_values(edges: Tensor, K: int, sigma2: Tensor) -> None:
         raise ValueError(f"sigma2 must be > 0, got {sigma2.item()}")
 
 
-def _compute(t: Optional[Tensor]) -> Optional[Tensor]:
-    """Contiguous, and float32 for the half types (the C++ kernels take float32/float64)."""
-    if t is None:
-        return None
-    t = t.contiguous()
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+@torch.library.custom_op("kpfast::edge_map_checked_edges", mutates_args=(), device_types=("cpu", "cuda"))
+def _checked_edges(edges: Tensor, K: int, sigma2: Tensor) -> Tensor:
+    """A copy of ``edges`` after :func:`_check_values`, for the reference backend: as an opaque op
+    the data-dependent checks do not break ``torch.compile(fullgraph=True)``, and the copy (which
+    the reference indexes with) keeps the check in the graph."""
+    _check_values(edges, K, sigma2)
+    return edges.clone()
+
+
+@_checked_edges.register_fake
+def _(edges, K, sigma2):
+    return torch.empty_like(edges)
+
+
+def _compute(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """Contiguous in ``dtype``, the compute dtype of the keypoints (the C++ kernels take one of
+    float32/float64 for all inputs; the Triton kernels convert on load)."""
+    return None if t is None else t.contiguous().to(dtype)
 
 
 @torch.library.custom_op("kpfast::edge_map", mutates_args=(), device_types=("cpu", "cuda"))
@@ -58,12 +71,12 @@ def _edge_map_op(
         unc = None if uncertainty is None else uncertainty.contiguous()
         w = None if edge_weight is None else edge_weight.contiguous()
         return k.edge_map_forward(keypoints.contiguous(), edges32, unc, w, s2, height, width, precision, EDGE_EPS)
-    kp = _compute(keypoints)
+    kp = _compute(keypoints, _checks.compute_dtype(keypoints.dtype))
     B = kp.shape[0]
     out = torch.empty(B, height, width, dtype=kp.dtype)
     winner = torch.empty(B, height, width, dtype=torch.int32)
     _backends.cpp().edge_map_forward(
-        n(kp), n(edges32), n(_compute(uncertainty)), n(_compute(edge_weight)),
+        n(kp), n(edges32), n(_compute(uncertainty, kp.dtype)), n(_compute(edge_weight, kp.dtype)),
         float(s2), height, width, precision, EDGE_EPS, n(out), n(winner), _backends.threads(),
     )
     return out.to(keypoints.dtype), winner
@@ -98,7 +111,7 @@ def _edge_map_backward_op(
         return k.edge_map_backward(
             grad_out.contiguous(), winner.contiguous(), keypoints.contiguous(), edges32, unc, w, s2, precision, EDGE_EPS
         )
-    kp = _compute(keypoints)
+    kp = _compute(keypoints, _checks.compute_dtype(keypoints.dtype))
     g = grad_out.contiguous().to(kp.dtype)
     B, E, H = kp.shape[0], edges.shape[0], grad_out.shape[1]
     ext = _backends.cpp()
@@ -106,7 +119,7 @@ def _edge_map_backward_op(
     scratch = torch.empty(B * bands, E, NGRAD, dtype=torch.float64)
     grad_edges = torch.empty(B, E, NGRAD, dtype=kp.dtype)
     ext.edge_map_backward(
-        n(g), n(winner.contiguous()), n(kp), n(edges32), n(_compute(uncertainty)), n(_compute(edge_weight)),
+        n(g), n(winner.contiguous()), n(kp), n(edges32), n(_compute(uncertainty, kp.dtype)), n(_compute(edge_weight, kp.dtype)),
         float(s2), precision, EDGE_EPS, n(scratch), n(grad_edges), _backends.threads(),
     )
     return grad_edges
@@ -170,21 +183,33 @@ def _size(size) -> tuple[int, int]:
     return hw
 
 
-def _edges(edges, device: torch.device) -> Tensor:
+def edge_tensor(edges, device: Optional[torch.device] = None) -> Tensor:
+    """``edges`` as an ``[E, 2]`` int64 tensor, or an error that names ``edges``.
+
+    Takes an integer tensor of that shape (which must be on ``device`` when one is given) or a
+    sequence of ``(i, j)`` pairs of integers (put on ``device``, default the CPU). Nothing is
+    coerced: float or bool indices, ``[E, 3]`` tensors and flat or ragged lists are rejected.
+    """
     if isinstance(edges, Tensor):
         if edges.dtype.is_floating_point or edges.dtype.is_complex or edges.dtype == torch.bool:
             raise TypeError(f"edges must hold integers, got {_checks.describe(edges)}")
         if edges.dim() != 2 or edges.shape[1] != 2:
             raise ValueError(f"edges must have shape [E, 2], got {_checks.describe(edges)}")
-        if edges.device != device:
+        if device is not None and edges.device != device:
             raise ValueError(f"all tensors must be on one device, got keypoints on {device}, edges on {edges.device}")
         return edges.to(torch.int64)
-    try:
-        pairs = [tuple(int(v) for v in pair) for pair in edges]
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"edges must be an [E, 2] integer tensor or a sequence of (i, j) pairs, got {edges!r}") from err
-    if any(len(p) != 2 for p in pairs):
-        raise ValueError(f"edges must be a sequence of (i, j) pairs, got {edges!r}")
+    if isinstance(edges, (str, bytes)) or not hasattr(edges, "__iter__"):
+        raise TypeError(f"edges must be an [E, 2] integer tensor or a sequence of (i, j) pairs, got {type(edges).__name__}")
+    pairs = []
+    for pair in edges:
+        if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+            raise ValueError(f"edges must be a sequence of (i, j) pairs, got {pair!r} in it")
+        try:
+            if any(isinstance(v, bool) for v in pair):
+                raise TypeError
+            pairs.append((operator.index(pair[0]), operator.index(pair[1])))
+        except TypeError:
+            raise TypeError(f"edges must hold integer indices, got the pair {pair!r}") from None
     return torch.tensor(pairs, dtype=torch.int64, device=device).reshape(-1, 2)
 
 
@@ -217,7 +242,8 @@ def edge_map(
         keypoints: ``[B, K, 2]`` (x, y) in [-1, 1], pixel centres at the ends
             (``align_corners=True``). Points outside the image are fine.
         edges: ``[E, 2]`` integer tensor on the keypoints' device, or a sequence of
-            ``(i, j)`` pairs, indices in ``[0, K)``. ``E = 0`` gives zeros.
+            ``(i, j)`` pairs of integers, indices in ``[0, K)`` (nothing is coerced: float
+            indices or other shapes are an error). ``E = 0`` gives zeros.
         size: ``H`` or ``(H, W)`` of the output.
         uncertainty: ``[B, K]`` logits ``v`` (the paper's keypoint uncertainty), or None.
         edge_weight: ``[E]`` or ``[B, E]`` non-negative weights ``w`` (AutoLink's learned
@@ -229,7 +255,9 @@ def edge_map(
 
     Returns:
         ``[B, H, W]`` in the dtype of ``keypoints`` (float16, bfloat16, float32 or float64;
-        kernels accumulate in float32, float64 for float64).
+        kernels accumulate in float32, float64 for float64). ``uncertainty``, ``edge_weight``
+        and ``sigma2`` may have any float dtype: they are used in the keypoints' compute
+        dtype, and their gradients come back in their own dtypes.
 
     Degenerate and non-finite inputs: zero-length edges, ``E = 0`` (zeros), ``K = 1``,
     coincident keypoints and zero weights give finite values and gradients. ``S_e``
@@ -259,7 +287,7 @@ def edge_map(
         raise ValueError(f"keypoints must hold at least one keypoint, got {_checks.describe(keypoints)}")
     device = keypoints.device
     H, W = _size(size)
-    e = _edges(edges, device)
+    e = edge_tensor(edges, device)
     E = e.shape[0]
     if uncertainty is not None:
         _checks.tensor("uncertainty", uncertainty, ndim=2)
@@ -286,7 +314,7 @@ def edge_map(
 
     chosen = _backend.get_backend()
     if chosen == "reference":
-        _check_values(e, K, s2)
+        e = _checked_edges(e, K, s2)
         return edge_map_reference(
             keypoints, e, (H, W), uncertainty=uncertainty, edge_weight=edge_weight, sigma2=s2, mode=mode
         )
