@@ -422,7 +422,7 @@ def test_float32_heatmap_gradient_keeps_its_precision_at_large_beta(backend, bet
     truth = grad(soft_argmax_reference, torch.float64)
     ref_err = (grad(soft_argmax_reference, torch.float32) - truth).abs().max().item()
     err = (grad(lambda *a, **k: run(backend, kpfast.soft_argmax, *a, **k), torch.float32, device_for(backend)) - truth).abs().max().item()
-    assert err <= 2 * ref_err + 1e-6, f"beta={beta} (seed {seed}): error {err:.3g}, float32 reference {ref_err:.3g}"
+    assert err <= 4 * ref_err + 1e-6, f"beta={beta} (seed {seed}): error {err:.3g}, float32 reference {ref_err:.3g}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
