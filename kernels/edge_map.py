@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import f64_bits, from_f64_bits
+
 NGRAD = 8
 FWD_BLOCK = (16, 16)
 BWD_BLOCK = (32, 32)
@@ -116,11 +118,20 @@ def _segment_box_dist2(ax, ay, bx, by, abx, aby, len2, point, x0, y0, x1, y1):
     return tl.where(crosses, 0.0, best)
 
 
-@triton.jit(do_not_specialize=["K", "E", "H", "W", "w_bstride"])
+@triton.jit
+def _sigma2(s2_ptr, s2_bits, HAS_S2_PTR: tl.constexpr, DT: tl.constexpr):
+    if HAS_S2_PTR:
+        s2 = tl.load(s2_ptr).to(DT)
+    else:
+        s2 = from_f64_bits(s2_bits, DT)
+    return s2
+
+
+@triton.jit(do_not_specialize=["K", "E", "H", "W", "w_bstride", "s2_bits"])
 def _edge_map_fwd_kernel(
     kp_ptr, edges_ptr, unc_ptr, w_ptr, s2_ptr, out_ptr, win_ptr,
-    K, E, H, W, w_bstride, eps, tol_scale,
-    HAS_U: tl.constexpr, HAS_W: tl.constexpr, PRECISION: tl.constexpr,
+    K, E, H, W, w_bstride, s2_bits: tl.int64, eps, tol_scale,
+    HAS_U: tl.constexpr, HAS_W: tl.constexpr, PRECISION: tl.constexpr, HAS_S2_PTR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, DT: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -139,7 +150,7 @@ def _edge_map_fwd_kernel(
     y1 = tl.minimum(r0 + BLOCK_H - 1, H - 1).to(DT) * step_y - 1.0
     x0 = c0.to(DT) * step_x - 1.0
     x1 = tl.minimum(c0 + BLOCK_W - 1, W - 1).to(DT) * step_x - 1.0
-    s2 = tl.load(s2_ptr).to(DT)
+    s2 = _sigma2(s2_ptr, s2_bits, HAS_S2_PTR, DT)
 
     best = tl.full([BLOCK_H, BLOCK_W], float("-inf"), DT)
     arg = tl.full([BLOCK_H, BLOCK_W], -1, tl.int32)
@@ -174,11 +185,11 @@ def _edge_map_fwd_kernel(
     tl.store(win_ptr + offs, arg, mask=valid)
 
 
-@triton.jit(do_not_specialize=["K", "E", "H", "W", "w_bstride"])
+@triton.jit(do_not_specialize=["K", "E", "H", "W", "w_bstride", "s2_bits"])
 def _edge_map_bwd_kernel(
     grad_ptr, win_ptr, kp_ptr, edges_ptr, unc_ptr, w_ptr, s2_ptr, part_ptr,
-    K, E, H, W, w_bstride, eps,
-    HAS_U: tl.constexpr, HAS_W: tl.constexpr, PRECISION: tl.constexpr,
+    K, E, H, W, w_bstride, s2_bits: tl.int64, eps,
+    HAS_U: tl.constexpr, HAS_W: tl.constexpr, PRECISION: tl.constexpr, HAS_S2_PTR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, DT: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -192,7 +203,7 @@ def _edge_map_bwd_kernel(
     step_x = tl.where(W > 1, 2.0 / tl.maximum(W - 1, 1).to(DT), 0.0).to(DT)
     py = (rows.to(DT) * step_y - 1.0)[:, None]
     px = (cols.to(DT) * step_x - 1.0)[None, :]
-    s2 = tl.load(s2_ptr).to(DT)
+    s2 = _sigma2(s2_ptr, s2_bits, HAS_S2_PTR, DT)
     offs = (b * H + rows[:, None]) * W + cols[None, :]
     go = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(DT)
     winner = tl.load(win_ptr + offs, mask=valid, other=-1)
@@ -258,11 +269,12 @@ def _tiles(H: int, W: int, block) -> int:
     return triton.cdiv(H, block[0]) * triton.cdiv(W, block[1])
 
 
-def edge_map_forward(kp, edges, unc, w, s2, H, W, precision, eps):
+def edge_map_forward(kp, edges, unc, w, s2, s2_value, H, W, precision, eps):
     """Launch the forward kernel.
 
     Args: ``kp [B,K,2]``, ``edges [E,2]`` int32, ``unc [B,K]`` or None, ``w [E]``/``[B,E]``
-    or None (all contiguous, any float dtype), ``s2`` a one-element tensor.
+    or None (all contiguous, any float dtype), ``s2`` a one-element tensor, or None for the
+    Python float ``s2_value`` (passed to the kernel as a value: nothing is copied to the device).
     Returns ``(out [B,H,W] in kp.dtype, winner [B,H,W] int32)``.
     """
     B, K, _ = kp.shape
@@ -273,15 +285,15 @@ def edge_map_forward(kp, edges, unc, w, s2, H, W, precision, eps):
     tol_scale = 1e-12 if kp.dtype == torch.float64 else 1e-5
     grid = (_tiles(H, W, FWD_BLOCK), B)
     _edge_map_fwd_kernel[grid](
-        kp, edges, unc if unc is not None else kp, w if w is not None else kp, s2, out, winner,
-        K, E, H, W, (E if w is not None and w.dim() == 2 else 0), eps, tol_scale,
-        HAS_U=unc is not None, HAS_W=w is not None, PRECISION=precision,
+        kp, edges, unc if unc is not None else kp, w if w is not None else kp, s2 if s2 is not None else kp, out, winner,
+        K, E, H, W, (E if w is not None and w.dim() == 2 else 0), f64_bits(s2_value), eps, tol_scale,
+        HAS_U=unc is not None, HAS_W=w is not None, PRECISION=precision, HAS_S2_PTR=s2 is not None,
         BLOCK_H=FWD_BLOCK[0], BLOCK_W=FWD_BLOCK[1], DT=dt,
     )
     return out, winner
 
 
-def edge_map_backward(grad_out, winner, kp, edges, unc, w, s2, precision, eps):
+def edge_map_backward(grad_out, winner, kp, edges, unc, w, s2, s2_value, precision, eps):
     """Launch the backward kernel; returns per-edge gradients ``[B, E, 8]`` in the compute dtype."""
     B, K, _ = kp.shape
     E = edges.shape[0]
@@ -290,9 +302,10 @@ def edge_map_backward(grad_out, winner, kp, edges, unc, w, s2, precision, eps):
     n_tiles = _tiles(H, W, BWD_BLOCK)
     partial = torch.zeros(B, n_tiles, E, NGRAD, dtype=acc, device=kp.device)
     _edge_map_bwd_kernel[(n_tiles, B)](
-        grad_out, winner, kp, edges, unc if unc is not None else kp, w if w is not None else kp, s2, partial,
-        K, E, H, W, (E if w is not None and w.dim() == 2 else 0), eps,
-        HAS_U=unc is not None, HAS_W=w is not None, PRECISION=precision,
+        grad_out, winner, kp, edges, unc if unc is not None else kp, w if w is not None else kp,
+        s2 if s2 is not None else kp, partial,
+        K, E, H, W, (E if w is not None and w.dim() == 2 else 0), f64_bits(s2_value), eps,
+        HAS_U=unc is not None, HAS_W=w is not None, PRECISION=precision, HAS_S2_PTR=s2 is not None,
         BLOCK_H=BWD_BLOCK[0], BLOCK_W=BWD_BLOCK[1], DT=_tl_dtype(kp.dtype),
     )
     return partial.sum(1)
@@ -302,23 +315,23 @@ def _compile_cases():
     """Every flag combination in float32; float64 and bfloat16 (other load/compute types) with all inputs."""
     combos = [(tl.float32, "*fp32", u, w, p) for u in (False, True) for w in (False, True) for p in (False, True)]
     combos += [(dt, ptr, True, True, p) for dt, ptr in ((tl.float64, "*fp64"), (tl.float32, "*bf16")) for p in (False, True)]
-    flags = {k: "constexpr" for k in ("HAS_U", "HAS_W", "PRECISION", "BLOCK_H", "BLOCK_W", "DT")}
+    flags = {k: "constexpr" for k in ("HAS_U", "HAS_W", "PRECISION", "HAS_S2_PTR", "BLOCK_H", "BLOCK_W", "DT")}
     cases = []
     for dt, ptr, has_u, has_w, precision in combos:
-        common = dict(HAS_U=has_u, HAS_W=has_w, PRECISION=precision, DT=dt)
+        common = dict(HAS_U=has_u, HAS_W=has_w, PRECISION=precision, HAS_S2_PTR=precision, DT=dt)
         acc = "*fp64" if dt == tl.float64 else "*fp32"
         label = f"{ptr[1:]} u={int(has_u)} w={int(has_w)} precision={int(precision)}"
         fwd_sig = {
             "kp_ptr": ptr, "edges_ptr": "*i32", "unc_ptr": ptr, "w_ptr": ptr, "s2_ptr": acc,
             "out_ptr": ptr, "win_ptr": "*i32", "K": "i32", "E": "i32", "H": "i32", "W": "i32",
-            "w_bstride": "i32", "eps": "fp32", "tol_scale": "fp32", **flags,
+            "w_bstride": "i32", "s2_bits": "i64", "eps": "fp32", "tol_scale": "fp32", **flags,
         }
         cases.append((f"edge_map fwd {label}", _edge_map_fwd_kernel, fwd_sig,
                       dict(common, BLOCK_H=FWD_BLOCK[0], BLOCK_W=FWD_BLOCK[1])))
         bwd_sig = {
             "grad_ptr": ptr, "win_ptr": "*i32", "kp_ptr": ptr, "edges_ptr": "*i32", "unc_ptr": ptr,
             "w_ptr": ptr, "s2_ptr": acc, "part_ptr": acc, "K": "i32", "E": "i32", "H": "i32",
-            "W": "i32", "w_bstride": "i32", "eps": "fp32", **flags,
+            "W": "i32", "w_bstride": "i32", "s2_bits": "i64", "eps": "fp32", **flags,
         }
         cases.append((f"edge_map bwd {label}", _edge_map_bwd_kernel, bwd_sig,
                       dict(common, BLOCK_H=BWD_BLOCK[0], BLOCK_W=BWD_BLOCK[1])))

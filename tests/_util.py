@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import importlib
+import os
 import random
 
 import torch
@@ -105,3 +108,41 @@ def property_test(strategy, examples: dict[str, int]):
         return test
 
     return decorate
+
+
+KPFAST_DIR = os.path.dirname(kpfast.__file__)
+KERNELS_DIR = os.path.dirname(importlib.import_module("kpfast.kernels").__file__)
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
+FACTORIES = ("tensor", "as_tensor", "full", "scalar_tensor")
+
+
+@contextlib.contextmanager
+def calls_from_kpfast(tensor_methods=HOST_READS, torch_functions=FACTORIES):
+    """Count calls made directly from kpfast's own code (its Python files and the kernel modules)
+    to the given ``torch.Tensor`` methods and ``torch`` functions: yields a Counter by name.
+
+    On CPU tensors this shows what a call would do on CUDA: a tensor read on the host (``item``,
+    ``bool(t)``, ...) is a host sync there, and a tensor built from Python values is a host-to-device
+    copy, which a CUDA graph cannot capture.
+    """
+    import sys
+
+    counts = collections.Counter()
+    ours = (KPFAST_DIR, KERNELS_DIR)
+    patched = [(torch.Tensor, name) for name in tensor_methods] + [(torch, name) for name in torch_functions]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in patched]
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(ours):
+                counts[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for owner, name, fn in saved:
+        setattr(owner, name, counting(name, fn))
+    try:
+        yield counts
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)

@@ -82,11 +82,12 @@ def test_edge_map_opcheck():
     gen, _ = fresh_generator()
     kp, edges, unc, w, s2 = edge_map_problem(gen)
     for args in [
-        (kp, edges, 7, 9, unc, w, s2, False, "cpp"),
-        (kp, edges, 7, 9, None, None, s2, True, "cpp"),
-        (kp.detach().double().requires_grad_(), edges, 4, 3, None, w.detach().double()[None].expand(2, -1).contiguous(), s2.detach().double(), False, "cpp"),
+        (kp, edges, 7, 9, unc, w, s2, 0.0, False, "cpp", True),
+        (kp, edges, 7, 9, None, None, None, 0.05, True, "cpp", False),
+        (kp.detach().double().requires_grad_(), edges, 4, 3, None, w.detach().double()[None].expand(2, -1).contiguous(), s2.detach().double(), 0.0, False, "cpp", True),
     ]:
         torch.library.opcheck(torch.ops.kpfast.edge_map.default, args)
+    torch.library.opcheck(torch.ops.kpfast.edge_map_checked_edges.default, (edges, 5, s2, True))
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ import torch
 import kpfast
 from kpfast.reference import edge_map_reference
 
-from _util import (assert_close, device_for, fresh_generator, interpreter_min_max_nan, kernel_backends, nan_rule_cases,
-                   run, tolerances)
+from _util import (FACTORIES, HOST_READS, assert_close, calls_from_kpfast, device_for, fresh_generator,
+                   interpreter_min_max_nan, kernel_backends, nan_rule_cases, run, tolerances)
 
 BACKENDS = kernel_backends()
 
@@ -191,6 +191,30 @@ def test_inputs_of_mixed_float_dtypes_are_computed_in_the_keypoints_dtype(backen
     grads = torch.autograd.grad(out.sum(), differentiable(mixed))
     assert [g.dtype for g in grads] == [t.dtype for t in differentiable(mixed)]
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton kernels need the interpreter or a GPU")
+@pytest.mark.parametrize("edges_as", ["list", "tensor"])
+@pytest.mark.parametrize("sigma2_as", ["float", "tensor"])
+def test_host_syncs_and_copies_per_call(edges_as, sigma2_as):
+    """The Triton path on CPU tensors, counting what would sync or copy on CUDA (issue 16.3, 16.5):
+    one host read (the value checks of tensor edges or sigma2) or none for a list and a float (was
+    three: edges min, max, the sign of sigma2), and no tensor built from a Python value per call (a
+    float sigma2 was copied to the device on every call, which a CUDA graph cannot capture; a list
+    is copied once, see test_device_constants_are_copied_once_and_capturable)."""
+    gen, seed = fresh_generator()
+    problem = make_problem(gen, dtype=torch.float32)
+    if edges_as == "list":
+        problem["edges"] = [tuple(p) for p in problem["edges"].tolist()]
+    if sigma2_as == "float":
+        problem["sigma2"] = float(problem["sigma2"])
+    run("triton", call, problem, "intensity")  # anything done once is done
+    with calls_from_kpfast() as counts:
+        out = run("triton", call, problem, "intensity")
+        out.sum().backward()
+    reads = sum(counts[name] for name in HOST_READS)
+    assert reads == (0 if (edges_as, sigma2_as) == ("list", "float") else 1), f"host reads {dict(counts)}"
+    assert not any(counts[name] for name in FACTORIES), f"tensors built from Python values: {dict(counts)}"
 
 
 def test_edges_as_pairs_or_tensor_agree():

@@ -14,8 +14,8 @@ import torch
 import kpfast
 from kpfast.reference import soft_argmax_reference
 
-from _util import (assert_close, device_for, fresh_generator, interpreter_min_max_nan, kernel_backends, nan_rule_cases,
-                   run, tolerances)
+from _util import (assert_close, calls_from_kpfast, device_for, fresh_generator, interpreter_min_max_nan, kernel_backends,
+                   nan_rule_cases, run, tolerances)
 
 op_module = importlib.import_module("kpfast.ops.soft_argmax")  # the attribute kpfast.ops.soft_argmax is the function
 BACKENDS = kernel_backends()
@@ -423,6 +423,22 @@ def test_float32_heatmap_gradient_keeps_its_precision_at_large_beta(backend, bet
     ref_err = (grad(soft_argmax_reference, torch.float32) - truth).abs().max().item()
     err = (grad(lambda *a, **k: run(backend, kpfast.soft_argmax, *a, **k), torch.float32, device_for(backend)) - truth).abs().max().item()
     assert err <= 4 * ref_err + 1e-6, f"beta={beta} (seed {seed}): error {err:.3g}, float32 reference {ref_err:.3g}"
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton kernels need the interpreter or a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["stacked", "scattered"])
+def test_no_host_syncs_or_copies_per_call(dtype, layout):
+    """The Triton path on CPU tensors, counting what would sync or copy on CUDA (issue 16.3): a float
+    beta in float64 was copied to the device on every call (a CUDA graph cannot capture that); the
+    offset table of scattered readouts is copied once per layout (test_device_constants_...)."""
+    gen, _ = fresh_generator()
+    args, _ = make_problem(gen, dtype=dtype, layout=layout, beta="float")
+    out = run("triton", call, args)
+    with calls_from_kpfast() as counts:
+        out = run("triton", call, args)
+        loss(out, *outputs_and_cotangents(out, gen)).backward()
+    assert not counts, f"host reads or tensors built from Python values: {dict(counts)}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections import OrderedDict
 from types import ModuleType
 
 import torch
@@ -31,3 +32,45 @@ def as_numpy(t: torch.Tensor | None):
 
 def threads() -> int:
     return torch.get_num_threads()
+
+
+def capturing(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured on ``device``'s current stream (no host sync and no
+    host-to-device copy is allowed then)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+_CONSTANTS: OrderedDict = OrderedDict()
+CONSTANTS_CACHED = 64
+CONSTANT_FILLS_MAX = 64
+
+
+def device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 1-D tensor of the Python numbers ``values`` on ``device``, not to be modified.
+
+    Copied once and cached (the last 64 kept), so later calls copy nothing. While a CUDA graph is captured no host-to-device copy is allowed, and the graph
+    must not point into a cache that may free its entry: a cached tensor is cloned into the
+    graph's memory (a device copy replayed with the graph), and one not cached yet is written by
+    fill kernels when it is small (at most 64 values) or else is an error: call once before capturing.
+    """
+    key = (values, dtype, device)
+    cached = _CONSTANTS.get(key)
+    if capturing(device):
+        if cached is not None:
+            return cached.clone()
+        if len(values) > CONSTANT_FILLS_MAX:
+            raise ValueError(
+                f"{len(values)} values given as a Python sequence are seen for the first time while a CUDA graph "
+                "is captured, where they cannot be copied to the GPU: pass them as a tensor on the device, or "
+                "make the same call once before capturing"
+            )
+        out = torch.empty(len(values), dtype=dtype, device=device)
+        for i, v in enumerate(values):
+            out[i].fill_(v)
+        return out
+    if cached is None:
+        cached = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+        if len(_CONSTANTS) > CONSTANTS_CACHED:
+            _CONSTANTS.popitem(last=False)
+    _CONSTANTS.move_to_end(key)
+    return cached

@@ -18,29 +18,38 @@ n = _backends.as_numpy
 NGRAD = 8  # per-edge gradient slots: a_x, a_y, b_x, b_y, v_i, v_j, w, sigma2
 
 
-def _check_values(edges: Tensor, K: int, sigma2: Tensor) -> None:
-    """Value checks that need the data (right before a launch; one host sync on CUDA,
-    skipped while a CUDA graph is being captured, where a sync is not allowed)."""
-    if edges.is_cuda and torch.cuda.is_current_stream_capturing():
+def _check_values(edges: Optional[Tensor], K: int, sigma2: Optional[Tensor]) -> None:
+    """The checks that need tensor data: indices of ``edges`` in ``[0, K)`` and ``sigma2 > 0``
+    (None: checked on the host already). Right before a launch, with one host sync on CUDA
+    whatever is checked (more only to word an error), and none while a CUDA graph is captured,
+    where a sync is not allowed."""
+    tensors = [t for t in (edges, sigma2) if t is not None]
+    if not tensors or _backends.capturing(tensors[0].device):
         return
-    if edges.numel() and (int(edges.min()) < 0 or int(edges.max()) >= K):
-        bad = edges[(edges < 0) | (edges >= K)][0].item()
-        raise ValueError(f"edges: index {bad} is outside [0, K) with K = {K}")
-    if not bool(sigma2 > 0):
-        raise ValueError(f"sigma2 must be > 0, got {sigma2.item()}")
+    bad = []
+    if edges is not None:
+        bad.append(((edges < 0) | (edges >= K)).any())
+    if sigma2 is not None:
+        bad.append(~(sigma2 > 0))
+    if not any(torch.stack(bad).tolist()):
+        return
+    if edges is not None and ((edges < 0) | (edges >= K)).any():
+        index = edges[(edges < 0) | (edges >= K)][0].item()
+        raise ValueError(f"edges: index {index} is outside [0, K) with K = {K}")
+    raise ValueError(f"sigma2 must be > 0, got {sigma2.item()}")
 
 
 @torch.library.custom_op("kpfast::edge_map_checked_edges", mutates_args=(), device_types=("cpu", "cuda"))
-def _checked_edges(edges: Tensor, K: int, sigma2: Tensor) -> Tensor:
+def _checked_edges(edges: Tensor, K: int, sigma2: Optional[Tensor], check_edges: bool) -> Tensor:
     """A copy of ``edges`` after :func:`_check_values`, for the reference backend: as an opaque op
     the data-dependent checks do not break ``torch.compile(fullgraph=True)``, and the copy (which
     the reference indexes with) keeps the check in the graph."""
-    _check_values(edges, K, sigma2)
+    _check_values(edges if check_edges else None, K, sigma2)
     return edges.clone()
 
 
 @_checked_edges.register_fake
-def _(edges, K, sigma2):
+def _(edges, K, sigma2, check_edges):
     return torch.empty_like(edges)
 
 
@@ -48,6 +57,10 @@ def _compute(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """Contiguous in ``dtype``, the compute dtype of the keypoints (the C++ kernels take one of
     float32/float64 for all inputs; the Triton kernels convert on load)."""
     return None if t is None else t.contiguous().to(dtype)
+
+
+def _sigma2_float(sigma2: Optional[Tensor], sigma2_value: float) -> float:
+    return float(sigma2) if sigma2 is not None else sigma2_value
 
 
 @torch.library.custom_op("kpfast::edge_map", mutates_args=(), device_types=("cpu", "cuda"))
@@ -58,32 +71,36 @@ def _edge_map_op(
     width: int,
     uncertainty: Optional[Tensor],
     edge_weight: Optional[Tensor],
-    sigma2: Tensor,
+    sigma2: Optional[Tensor],
+    sigma2_value: float,
     precision: bool,
     backend: str,
+    check_edges: bool,
 ) -> tuple[Tensor, Tensor]:
-    _check_values(edges, keypoints.shape[1], sigma2)
+    """``sigma2``: a one-element tensor, or None for the float ``sigma2_value`` (checked by the
+    caller). ``check_edges=False``: the caller checked the edge indices on the host."""
+    _check_values(edges if check_edges else None, keypoints.shape[1], sigma2)
     family = _backend.resolve(backend, keypoints.device, "edge_map")
     edges32 = edges.to(torch.int32).contiguous()
-    s2 = sigma2.to(_checks.compute_dtype(keypoints.dtype)).reshape(1)
     if family == "triton":
         k = _backends.triton_kernels("edge_map")
         unc = None if uncertainty is None else uncertainty.contiguous()
         w = None if edge_weight is None else edge_weight.contiguous()
-        return k.edge_map_forward(keypoints.contiguous(), edges32, unc, w, s2, height, width, precision, EDGE_EPS)
+        s2 = None if sigma2 is None else sigma2.reshape(1)
+        return k.edge_map_forward(keypoints.contiguous(), edges32, unc, w, s2, sigma2_value, height, width, precision, EDGE_EPS)
     kp = _compute(keypoints, _checks.compute_dtype(keypoints.dtype))
     B = kp.shape[0]
     out = torch.empty(B, height, width, dtype=kp.dtype)
     winner = torch.empty(B, height, width, dtype=torch.int32)
     _backends.cpp().edge_map_forward(
         n(kp), n(edges32), n(_compute(uncertainty, kp.dtype)), n(_compute(edge_weight, kp.dtype)),
-        float(s2), height, width, precision, EDGE_EPS, n(out), n(winner), _backends.threads(),
+        _sigma2_float(sigma2, sigma2_value), height, width, precision, EDGE_EPS, n(out), n(winner), _backends.threads(),
     )
     return out.to(keypoints.dtype), winner
 
 
 @_edge_map_op.register_fake
-def _(keypoints, edges, height, width, uncertainty, edge_weight, sigma2, precision, backend):
+def _(keypoints, edges, height, width, uncertainty, edge_weight, sigma2, sigma2_value, precision, backend, check_edges):
     B = keypoints.shape[0]
     out = keypoints.new_empty(B, height, width)
     return out, keypoints.new_empty(B, height, width, dtype=torch.int32)
@@ -97,19 +114,21 @@ def _edge_map_backward_op(
     edges: Tensor,
     uncertainty: Optional[Tensor],
     edge_weight: Optional[Tensor],
-    sigma2: Tensor,
+    sigma2: Optional[Tensor],
+    sigma2_value: float,
     precision: bool,
     backend: str,
 ) -> Tensor:
     family = _backend.resolve(backend, keypoints.device, "edge_map")
     edges32 = edges.to(torch.int32).contiguous()
-    s2 = sigma2.to(_checks.compute_dtype(keypoints.dtype)).reshape(1)
     if family == "triton":
         k = _backends.triton_kernels("edge_map")
         unc = None if uncertainty is None else uncertainty.contiguous()
         w = None if edge_weight is None else edge_weight.contiguous()
+        s2 = None if sigma2 is None else sigma2.reshape(1)
         return k.edge_map_backward(
-            grad_out.contiguous(), winner.contiguous(), keypoints.contiguous(), edges32, unc, w, s2, precision, EDGE_EPS
+            grad_out.contiguous(), winner.contiguous(), keypoints.contiguous(), edges32, unc, w, s2, sigma2_value,
+            precision, EDGE_EPS,
         )
     kp = _compute(keypoints, _checks.compute_dtype(keypoints.dtype))
     g = grad_out.contiguous().to(kp.dtype)
@@ -120,20 +139,20 @@ def _edge_map_backward_op(
     grad_edges = torch.empty(B, E, NGRAD, dtype=kp.dtype)
     ext.edge_map_backward(
         n(g), n(winner.contiguous()), n(kp), n(edges32), n(_compute(uncertainty, kp.dtype)), n(_compute(edge_weight, kp.dtype)),
-        float(s2), precision, EDGE_EPS, n(scratch), n(grad_edges), _backends.threads(),
+        _sigma2_float(sigma2, sigma2_value), precision, EDGE_EPS, n(scratch), n(grad_edges), _backends.threads(),
     )
     return grad_edges
 
 
 @_edge_map_backward_op.register_fake
-def _(grad_out, winner, keypoints, edges, uncertainty, edge_weight, sigma2, precision, backend):
+def _(grad_out, winner, keypoints, edges, uncertainty, edge_weight, sigma2, sigma2_value, precision, backend):
     return keypoints.new_empty(keypoints.shape[0], edges.shape[0], NGRAD, dtype=_checks.compute_dtype(keypoints.dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    keypoints, edges, _, _, uncertainty, edge_weight, sigma2, precision, backend = inputs
+    keypoints, edges, _, _, uncertainty, edge_weight, sigma2, sigma2_value, precision, backend, _ = inputs
     ctx.save_for_backward(keypoints, edges, uncertainty, edge_weight, sigma2, output[1])
-    ctx.precision, ctx.backend = precision, backend
+    ctx.sigma2_value, ctx.precision, ctx.backend = sigma2_value, precision, backend
 
 
 def _edge_sum(per_edge: Tensor, incidence: Tensor) -> Tensor:
@@ -153,7 +172,9 @@ def _edge_sum(per_edge: Tensor, incidence: Tensor) -> Tensor:
 
 def _backward(ctx, grad_out, _grad_winner):
     keypoints, edges, uncertainty, edge_weight, sigma2, winner = ctx.saved_tensors
-    ge = _edge_map_backward_op(grad_out, winner, keypoints, edges, uncertainty, edge_weight, sigma2, ctx.precision, ctx.backend)
+    ge = _edge_map_backward_op(
+        grad_out, winner, keypoints, edges, uncertainty, edge_weight, sigma2, ctx.sigma2_value, ctx.precision, ctx.backend
+    )
     K = keypoints.shape[1]
     first = F.one_hot(edges[:, 0], K).to(ge.dtype)
     second = F.one_hot(edges[:, 1], K).to(ge.dtype)
@@ -164,8 +185,8 @@ def _backward(ctx, grad_out, _grad_winner):
     if edge_weight is not None and ctx.needs_input_grad[5]:
         gw = ge[..., 6]
         grad_w = (gw if edge_weight.dim() == 2 else gw.sum(0)).to(edge_weight.dtype)
-    grad_s2 = ge[..., 7].sum().reshape(sigma2.shape).to(sigma2.dtype) if ctx.needs_input_grad[6] else None
-    return grad_kp.to(keypoints.dtype), None, None, None, grad_unc, grad_w, grad_s2, None, None
+    grad_s2 = ge[..., 7].sum().reshape(sigma2.shape).to(sigma2.dtype) if sigma2 is not None and ctx.needs_input_grad[6] else None
+    return grad_kp.to(keypoints.dtype), None, None, None, grad_unc, grad_w, grad_s2, None, None, None, None
 
 
 _edge_map_op.register_autograd(_backward, setup_context=_setup_context)
@@ -183,34 +204,44 @@ def _size(size) -> tuple[int, int]:
     return hw
 
 
-def edge_tensor(edges, device: Optional[torch.device] = None) -> Tensor:
-    """``edges`` as an ``[E, 2]`` int64 tensor, or an error that names ``edges``.
-
-    Takes an integer tensor of that shape (which must be on ``device`` when one is given) or a
-    sequence of ``(i, j)`` pairs of integers (put on ``device``, default the CPU). Nothing is
-    coerced: float or bool indices, ``[E, 3]`` tensors and flat or ragged lists are rejected.
-    """
+def edge_pairs(edges) -> Optional[tuple[int, ...]]:
+    """The indices of edges given as a sequence of ``(i, j)`` integer pairs, flattened
+    (``(i0, j0, i1, j1, ...)``), None for a tensor; an error that names ``edges`` for anything
+    else. Nothing is coerced: float or bool indices and flat or ragged lists are rejected."""
     if isinstance(edges, Tensor):
-        if edges.dtype.is_floating_point or edges.dtype.is_complex or edges.dtype == torch.bool:
-            raise TypeError(f"edges must hold integers, got {_checks.describe(edges)}")
-        if edges.dim() != 2 or edges.shape[1] != 2:
-            raise ValueError(f"edges must have shape [E, 2], got {_checks.describe(edges)}")
-        if device is not None and edges.device != device:
-            raise ValueError(f"all tensors must be on one device, got keypoints on {device}, edges on {edges.device}")
-        return edges.to(torch.int64)
+        return None
     if isinstance(edges, (str, bytes)) or not hasattr(edges, "__iter__"):
         raise TypeError(f"edges must be an [E, 2] integer tensor or a sequence of (i, j) pairs, got {type(edges).__name__}")
-    pairs = []
+    flat = []
     for pair in edges:
         if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
             raise ValueError(f"edges must be a sequence of (i, j) pairs, got {pair!r} in it")
         try:
             if any(isinstance(v, bool) for v in pair):
                 raise TypeError
-            pairs.append((operator.index(pair[0]), operator.index(pair[1])))
+            flat += [operator.index(pair[0]), operator.index(pair[1])]
         except TypeError:
             raise TypeError(f"edges must hold integer indices, got the pair {pair!r}") from None
-    return torch.tensor(pairs, dtype=torch.int64, device=device).reshape(-1, 2)
+    return tuple(flat)
+
+
+def edge_tensor(edges, device: Optional[torch.device] = None) -> Tensor:
+    """``edges`` as an ``[E, 2]`` int64 tensor, or an error that names ``edges``.
+
+    Takes an integer tensor of that shape (which must be on ``device`` when one is given) or a
+    sequence of ``(i, j)`` pairs of integers (see :func:`edge_pairs`), put on ``device`` (default
+    the CPU).
+    """
+    flat = edge_pairs(edges)
+    if flat is not None:
+        return torch.tensor(flat, dtype=torch.int64, device=device).reshape(-1, 2)
+    if edges.dtype.is_floating_point or edges.dtype.is_complex or edges.dtype == torch.bool:
+        raise TypeError(f"edges must hold integers, got {_checks.describe(edges)}")
+    if edges.dim() != 2 or edges.shape[1] != 2:
+        raise ValueError(f"edges must have shape [E, 2], got {_checks.describe(edges)}")
+    if device is not None and edges.device != device:
+        raise ValueError(f"all tensors must be on one device, got keypoints on {device}, edges on {edges.device}")
+    return edges.to(torch.int64)
 
 
 def edge_map(
@@ -269,7 +300,11 @@ def edge_map(
     ``0 *`` its derivatives from every other pixel, so NaN gradients reach only the
     inputs of such edges and ``sigma2``; inputs of finite edges keep finite gradients
     (zero where a NaN edge wins every pixel). Same on every backend.
-    The backend follows :func:`kpfast.use_backend` (CUDA: Triton, CPU: C++).
+    The backend follows :func:`kpfast.use_backend` (CUDA: Triton, CPU: C++). On CUDA a call
+    syncs with the host once when ``edges`` or ``sigma2`` is a tensor (to check their values
+    before the launch) and never otherwise, nor while a CUDA graph is captured (the checks
+    are skipped); a float ``sigma2`` reaches the kernels as a value and a list of edges is
+    copied to the device once, so both can be captured.
 
     Example:
         >>> import torch, kpfast
@@ -287,7 +322,14 @@ def edge_map(
         raise ValueError(f"keypoints must hold at least one keypoint, got {_checks.describe(keypoints)}")
     device = keypoints.device
     H, W = _size(size)
-    e = edge_tensor(edges, device)
+    flat = edge_pairs(edges)
+    if flat is None:
+        e = edge_tensor(edges, device)
+    else:  # checked here, on the host: no sync for it later
+        if flat and not 0 <= min(flat) <= max(flat) < K:
+            bad = next(i for i in flat if not 0 <= i < K)
+            raise ValueError(f"edges: index {bad} is outside [0, K) with K = {K}")
+        e = _backends.device_constant(flat, torch.int64, device).reshape(-1, 2)  # copied once per list
     E = e.shape[0]
     if uncertainty is not None:
         _checks.tensor("uncertainty", uncertainty, ndim=2)
@@ -301,11 +343,11 @@ def edge_map(
         _checks.tensor("sigma2", sigma2)
         if sigma2.numel() != 1 or sigma2.dim() > 1:
             raise ValueError(f"sigma2 must be a float or a 0-dim tensor, got {_checks.describe(sigma2)}")
-        s2 = sigma2.reshape(())
+        s2, s2_value = sigma2.reshape(()), 0.0
     elif isinstance(sigma2, (int, float)) and not isinstance(sigma2, bool):
         if not sigma2 > 0:
             raise ValueError(f"sigma2 must be > 0, got {sigma2}")
-        s2 = torch.tensor(float(sigma2), dtype=_checks.compute_dtype(keypoints.dtype), device=device)
+        s2, s2_value = None, float(sigma2)  # a kernel argument: no device tensor per call
     else:
         raise TypeError(f"sigma2 must be a positive float or a 0-dim tensor, got {type(sigma2).__name__}")
     if mode not in EDGE_MODES:
@@ -314,9 +356,11 @@ def edge_map(
 
     chosen = _backend.get_backend()
     if chosen == "reference":
-        e = _checked_edges(e, K, s2)
+        if flat is None or s2 is not None:
+            e = _checked_edges(e, K, s2, flat is None)
         return edge_map_reference(
-            keypoints, e, (H, W), uncertainty=uncertainty, edge_weight=edge_weight, sigma2=s2, mode=mode
+            keypoints, e, (H, W), uncertainty=uncertainty, edge_weight=edge_weight,
+            sigma2=s2 if s2 is not None else s2_value, mode=mode,
         )
-    out, _ = _edge_map_op(keypoints, e, H, W, uncertainty, edge_weight, s2, mode == "precision", chosen)
+    out, _ = _edge_map_op(keypoints, e, H, W, uncertainty, edge_weight, s2, s2_value, mode == "precision", chosen, flat is None)
     return out
