@@ -119,6 +119,25 @@ def _segment_box_dist2(ax, ay, bx, by, abx, aby, len2, point, x0, y0, x1, y1):
 
 
 @triton.jit
+def _sample_and_tile(pid, n_tiles):
+    """Program -> (sample as int64, pixel tile): one flat grid axis, so B is not capped at 65535."""
+    return (pid // n_tiles).to(tl.int64), pid % n_tiles
+
+
+@triton.jit
+def _plane_offset(b, H, W):
+    """Element offset of sample ``b``'s ``[H, W]`` plane, in int64 (``B*H*W`` may pass 2^31; offsets
+    inside a plane are int32, the caller checks ``H*W < 2^31``)."""
+    return b.to(tl.int64) * H * W
+
+
+@triton.jit
+def _partial_offset(b, tile, n_tiles, E):
+    """Element offset of the ``(b, tile)`` block of the ``[B, tiles, E, 8]`` partial sums, in int64."""
+    return (b.to(tl.int64) * n_tiles + tile) * E * 8
+
+
+@triton.jit
 def _sigma2(s2_ptr, s2_bits, HAS_S2_PTR: tl.constexpr, DT: tl.constexpr):
     if HAS_S2_PTR:
         s2 = tl.load(s2_ptr).to(DT)
@@ -127,15 +146,14 @@ def _sigma2(s2_ptr, s2_bits, HAS_S2_PTR: tl.constexpr, DT: tl.constexpr):
     return s2
 
 
-@triton.jit(do_not_specialize=["K", "E", "H", "W", "w_bstride", "s2_bits"])
+@triton.jit(do_not_specialize=["K", "E", "H", "W", "n_tiles", "w_bstride", "s2_bits"])
 def _edge_map_fwd_kernel(
     kp_ptr, edges_ptr, unc_ptr, w_ptr, s2_ptr, out_ptr, win_ptr,
-    K, E, H, W, w_bstride, s2_bits: tl.int64, eps, tol_scale,
+    K, E, H, W, n_tiles, w_bstride, s2_bits: tl.int64, eps, tol_scale,
     HAS_U: tl.constexpr, HAS_W: tl.constexpr, PRECISION: tl.constexpr, HAS_S2_PTR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, DT: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    b = tl.program_id(1)
+    b, tile = _sample_and_tile(tl.program_id(0), n_tiles)
     tiles_w = tl.cdiv(W, BLOCK_W)
     rows = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -179,22 +197,21 @@ def _edge_map_fwd_kernel(
             arg = tl.where(win, e, arg)
             tile_min = tl.min(tl.min(tl.where(valid, best, float("inf")), 1), 0)
 
-    offs = (b * H + rows[:, None]) * W + cols[None, :]
+    plane = _plane_offset(b, H, W)
+    offs = rows[:, None] * W + cols[None, :]
     out = tl.where(arg >= 0, best, 0.0)
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=valid)
-    tl.store(win_ptr + offs, arg, mask=valid)
+    tl.store(out_ptr + plane + offs, out.to(out_ptr.dtype.element_ty), mask=valid)
+    tl.store(win_ptr + plane + offs, arg, mask=valid)
 
 
-@triton.jit(do_not_specialize=["K", "E", "H", "W", "w_bstride", "s2_bits"])
+@triton.jit(do_not_specialize=["K", "E", "H", "W", "n_tiles", "w_bstride", "s2_bits"])
 def _edge_map_bwd_kernel(
     grad_ptr, win_ptr, kp_ptr, edges_ptr, unc_ptr, w_ptr, s2_ptr, part_ptr,
-    K, E, H, W, w_bstride, s2_bits: tl.int64, eps,
+    K, E, H, W, n_tiles, w_bstride, s2_bits: tl.int64, eps,
     HAS_U: tl.constexpr, HAS_W: tl.constexpr, PRECISION: tl.constexpr, HAS_S2_PTR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, DT: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    b = tl.program_id(1)
-    n_tiles = tl.num_programs(0)
+    b, tile = _sample_and_tile(tl.program_id(0), n_tiles)
     tiles_w = tl.cdiv(W, BLOCK_W)
     rows = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -204,10 +221,11 @@ def _edge_map_bwd_kernel(
     py = (rows.to(DT) * step_y - 1.0)[:, None]
     px = (cols.to(DT) * step_x - 1.0)[None, :]
     s2 = _sigma2(s2_ptr, s2_bits, HAS_S2_PTR, DT)
-    offs = (b * H + rows[:, None]) * W + cols[None, :]
-    go = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(DT)
-    winner = tl.load(win_ptr + offs, mask=valid, other=-1)
-    part = part_ptr + ((b * n_tiles + tile) * E) * 8
+    plane = _plane_offset(b, H, W)
+    offs = rows[:, None] * W + cols[None, :]
+    go = tl.load(grad_ptr + plane + offs, mask=valid, other=0.0).to(DT)
+    winner = tl.load(win_ptr + plane + offs, mask=valid, other=-1)
+    part = part_ptr + _partial_offset(b, tile, n_tiles, E)
 
     for e in range(0, E):
         mine = winner == e
@@ -283,10 +301,10 @@ def edge_map_forward(kp, edges, unc, w, s2, s2_value, H, W, precision, eps):
     winner = torch.empty(B, H, W, dtype=torch.int32, device=kp.device)
     dt = _tl_dtype(kp.dtype)
     tol_scale = 1e-12 if kp.dtype == torch.float64 else 1e-5
-    grid = (_tiles(H, W, FWD_BLOCK), B)
-    _edge_map_fwd_kernel[grid](
+    n_tiles = _tiles(H, W, FWD_BLOCK)
+    _edge_map_fwd_kernel[(B * n_tiles,)](
         kp, edges, unc if unc is not None else kp, w if w is not None else kp, s2 if s2 is not None else kp, out, winner,
-        K, E, H, W, (E if w is not None and w.dim() == 2 else 0), f64_bits(s2_value), eps, tol_scale,
+        K, E, H, W, n_tiles, (E if w is not None and w.dim() == 2 else 0), f64_bits(s2_value), eps, tol_scale,
         HAS_U=unc is not None, HAS_W=w is not None, PRECISION=precision, HAS_S2_PTR=s2 is not None,
         BLOCK_H=FWD_BLOCK[0], BLOCK_W=FWD_BLOCK[1], DT=dt,
     )
@@ -301,10 +319,10 @@ def edge_map_backward(grad_out, winner, kp, edges, unc, w, s2, s2_value, precisi
     acc = torch.float64 if kp.dtype == torch.float64 else torch.float32
     n_tiles = _tiles(H, W, BWD_BLOCK)
     partial = torch.zeros(B, n_tiles, E, NGRAD, dtype=acc, device=kp.device)
-    _edge_map_bwd_kernel[(n_tiles, B)](
+    _edge_map_bwd_kernel[(B * n_tiles,)](
         grad_out, winner, kp, edges, unc if unc is not None else kp, w if w is not None else kp,
         s2 if s2 is not None else kp, partial,
-        K, E, H, W, (E if w is not None and w.dim() == 2 else 0), f64_bits(s2_value), eps,
+        K, E, H, W, n_tiles, (E if w is not None and w.dim() == 2 else 0), f64_bits(s2_value), eps,
         HAS_U=unc is not None, HAS_W=w is not None, PRECISION=precision, HAS_S2_PTR=s2 is not None,
         BLOCK_H=BWD_BLOCK[0], BLOCK_W=BWD_BLOCK[1], DT=_tl_dtype(kp.dtype),
     )
@@ -324,14 +342,14 @@ def _compile_cases():
         fwd_sig = {
             "kp_ptr": ptr, "edges_ptr": "*i32", "unc_ptr": ptr, "w_ptr": ptr, "s2_ptr": acc,
             "out_ptr": ptr, "win_ptr": "*i32", "K": "i32", "E": "i32", "H": "i32", "W": "i32",
-            "w_bstride": "i32", "s2_bits": "i64", "eps": "fp32", "tol_scale": "fp32", **flags,
+            "n_tiles": "i32", "w_bstride": "i32", "s2_bits": "i64", "eps": "fp32", "tol_scale": "fp32", **flags,
         }
         cases.append((f"edge_map fwd {label}", _edge_map_fwd_kernel, fwd_sig,
                       dict(common, BLOCK_H=FWD_BLOCK[0], BLOCK_W=FWD_BLOCK[1])))
         bwd_sig = {
             "grad_ptr": ptr, "win_ptr": "*i32", "kp_ptr": ptr, "edges_ptr": "*i32", "unc_ptr": ptr,
             "w_ptr": ptr, "s2_ptr": acc, "part_ptr": acc, "K": "i32", "E": "i32", "H": "i32",
-            "W": "i32", "w_bstride": "i32", "s2_bits": "i64", "eps": "fp32", **flags,
+            "W": "i32", "n_tiles": "i32", "w_bstride": "i32", "s2_bits": "i64", "eps": "fp32", **flags,
         }
         cases.append((f"edge_map bwd {label}", _edge_map_bwd_kernel, bwd_sig,
                       dict(common, BLOCK_H=BWD_BLOCK[0], BLOCK_W=BWD_BLOCK[1])))

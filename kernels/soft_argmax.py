@@ -56,6 +56,13 @@ def _coords(offs, W, step_x, step_y, DT: tl.constexpr, FAST_DIV: tl.constexpr):
 
 
 @triton.jit
+def _channel_offset(c, stride):
+    """``c * stride`` in int64: a channel stride can be close to 2^31 (``B*K*H*W`` between the maps
+    of a ``[C, B, K, H, W]`` gradient, or between equally spaced readouts)."""
+    return tl.cast(c, tl.int64) * stride  # c may be a loop index (a Python int when interpreted)
+
+
+@triton.jit
 def _steps(H, W, DT: tl.constexpr):
     step_x = tl.where(W > 1, 2.0 / tl.maximum(W - 1, 1).to(DT), 0.0).to(DT)
     step_y = tl.where(H > 1, 2.0 / tl.maximum(H - 1, 1).to(DT), 0.0).to(DT)
@@ -96,7 +103,7 @@ def _soft_argmax_fwd_kernel(
         if USE_TABLE:
             roff = tl.load(roff_ptr + c_idx, mask=c_ok, other=0)
         else:
-            roff = c_idx.to(tl.int64) * r_sc
+            roff = _channel_offset(c_idx, r_sc)
         r_rows = r_ptr + b * r_sb + k * r_sk + roff  # [CG] pointers
 
     m = tl.full([BLOCK], neg_inf, DT)
@@ -232,12 +239,12 @@ def _soft_argmax_bwd_kernel(
                 if USE_TABLE:
                     roff = tl.load(roff_ptr + c)
                 else:
-                    roff = c * r_sc
+                    roff = _channel_offset(c, r_sc)
                 v = tl.load(val_ptr + row64 * C + c).to(DT)
                 rv = tl.load(r_row + roff + offs, mask=ok, other=0.0).to(DT)
                 delta += g * (rv - v)
             if NEED_R:
-                tl.store(gr_row + c * g_sc + offs, (g * w).to(gr_ptr.dtype.element_ty), mask=ok)
+                tl.store(gr_row + _channel_offset(c, g_sc) + offs, (g * w).to(gr_ptr.dtype.element_ty), mask=ok)
         if NEED_H:
             gh = tl.where(hv == neg_inf, 0.0, beta * w * delta)  # a masked pixel gets none (not 0 * NaN)
             tl.store(gh_ptr + row64 * HW + offs, gh.to(gh_ptr.dtype.element_ty), mask=ok)

@@ -257,6 +257,7 @@ def test_size_int_means_square():
         (dict(mode="soft"), ValueError, "mode"),
         (dict(size=(0, 5)), ValueError, "size"),
         (dict(size=(4, 5, 6)), TypeError, "size"),
+        (dict(size=(46341, 46341)), ValueError, "size"),  # kernels index inside a plane with int32
         (dict(uncertainty=torch.zeros(1, 4, device="meta")), ValueError, "device"),
     ],
 )

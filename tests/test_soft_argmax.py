@@ -542,6 +542,7 @@ def test_half_inputs_return_half_outputs_close_to_float32(backend, dtype):
         (dict(beta="hot"), TypeError, "beta"),
         (dict(beta=True), TypeError, "beta"),
         (dict(beta=torch.tensor(1.0, device="meta")), ValueError, "device"),
+        (dict(heatmaps=torch.zeros(1, 1, 1, 1).expand(1, 1, 46341, 46341)), ValueError, "2\\^31"),
     ],
 )
 @pytest.mark.parametrize("backend", ["cpp", "reference"])

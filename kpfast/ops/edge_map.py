@@ -201,6 +201,7 @@ def _size(size) -> tuple[int, int]:
         raise TypeError(f"size must be an int or a pair (H, W) of ints, got {size!r}")
     if min(hw) < 1:
         raise ValueError(f"size must be positive, got {hw}")
+    _checks.plane("size", *hw)
     return hw
 
 

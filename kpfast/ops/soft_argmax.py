@@ -307,6 +307,7 @@ def soft_argmax(heatmaps: Tensor, readouts=None, *, beta=1.0) -> tuple[Tensor, O
     B, K, H, W = heatmaps.shape
     if H < 1 or W < 1:
         raise ValueError(f"heatmaps must have at least one pixel (H, W >= 1), got {_checks.describe(heatmaps)}")
+    _checks.plane("heatmaps", H, W)
     rs, stacked = _readouts(readouts, heatmaps)
     b, beta_value = _beta(beta, heatmaps)
     _checks.same_device(heatmaps=heatmaps, beta=b, **{f"readouts[{i}]": r for i, r in enumerate(rs)})
