@@ -3,10 +3,15 @@ CUDA graph can capture, and launches on the tensors' device."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
+import kpfast
 from kpfast.ops import _backends
+
+from _util import device_for, kernel_backends
 
 META = torch.device("meta")  # a device that is not the CPU, without data: the caching logic runs as on CUDA
 
@@ -34,3 +39,45 @@ def test_device_constants_keep_the_most_recent():
     made = [_backends.device_constant((i, -1), torch.int64, META) for i in range(_backends.CONSTANTS_CACHED + 5)]
     assert len(_backends._CONSTANTS) <= _backends.CONSTANTS_CACHED
     assert _backends.device_constant((_backends.CONSTANTS_CACHED + 4, -1), torch.int64, META) is made[-1]
+
+
+def test_tensor_device_looks_into_sequences():
+    t = torch.zeros(1, device=META)
+    assert _backends.tensor_device((None, [t], 3), {}) == META
+    assert _backends.tensor_device((1.0,), {"x": (t,)}) == META
+    assert _backends.tensor_device((1.0, []), {}) is None
+
+
+@pytest.mark.skipif("triton" not in kernel_backends(), reason="Triton kernels need the interpreter or a GPU")
+def test_every_op_launches_under_the_guard_of_its_tensors_device(monkeypatch):
+    """Issue 16.1: the Triton launchers ran on the current CUDA device, not the tensors'. Every launch of
+    the four ops now goes through device_guard(device of its tensors) (the guard itself, on two GPUs:
+    tests/test_gpu_check.py)."""
+    seen = []
+
+    def recording_guard(device):
+        seen.append(device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(_backends, "device_guard", recording_guard)
+    device = device_for("triton")
+    kp = torch.rand(1, 3, 2, device=device, requires_grad=True)
+    heat = torch.randn(1, 2, 4, 4, device=device, requires_grad=True)
+    pts = torch.randn(2, 4, 3, device=device, requires_grad=True)
+    with kpfast.use_backend("triton"):
+        for name, out in {
+            "edge_map": kpfast.edge_map(kp, [(0, 1)], 4),
+            "soft_argmax": kpfast.soft_argmax(heat)[0],
+            "umeyama": kpfast.umeyama(pts[:1], pts[1:])[0],
+            "part_alignment": kpfast.part_alignment(pts, torch.ones(1, 4, dtype=torch.bool), detach_transform=False),
+        }.items():
+            seen.clear()
+            out.sum().backward()
+            assert seen == [device], f"{name} backward: {seen}"
+    seen.clear()
+    with kpfast.use_backend("triton"):
+        kpfast.edge_map(kp, [(0, 1)], 4)
+        kpfast.soft_argmax(heat)
+        kpfast.umeyama(pts[:1], pts[1:])
+        kpfast.part_alignment(pts, torch.ones(1, 4, dtype=torch.bool))
+    assert len(seen) >= 4 and set(seen) == {device}

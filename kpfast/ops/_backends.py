@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
+import inspect
 from collections import OrderedDict
 from types import ModuleType
 
@@ -20,9 +23,56 @@ def cpp() -> ModuleType:
         ) from err
 
 
-def triton_kernels(op: str) -> ModuleType:
-    """The Triton kernel module ``kpfast.kernels.<op>`` (imports triton lazily)."""
-    return importlib.import_module(f"kpfast.kernels.{op}")
+@functools.lru_cache(maxsize=None)
+def triton_kernels(op: str) -> "LaunchOnTensorDevice":
+    """The Triton kernel module ``kpfast.kernels.<op>`` (imports triton lazily), its functions
+    launching on their tensors' device (see :class:`LaunchOnTensorDevice`)."""
+    return LaunchOnTensorDevice(importlib.import_module(f"kpfast.kernels.{op}"))
+
+
+def tensor_device(args, kwargs) -> torch.device | None:
+    """The device of the first tensor among ``args`` and ``kwargs`` (looking into lists and tuples)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            found = tensor_device(a, {})
+            if found is not None:
+                return found
+        elif isinstance(a, torch.Tensor):
+            return a.device
+    return None
+
+
+def device_guard(device: torch.device | None):
+    """Makes ``device`` the current CUDA device inside the block (nothing for other devices)."""
+    return torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
+
+
+class LaunchOnTensorDevice:
+    """A kernel module whose functions run with the CUDA device of their first tensor argument
+    made current. Triton launches on the current device and its current stream; tensors on
+    ``cuda:1`` while ``cuda:0`` is current would otherwise fault, or run on the wrong device
+    unordered with their stream. Reading and writing other attributes goes to the module."""
+
+    def __init__(self, module: ModuleType):
+        object.__setattr__(self, "_module", module)
+
+    def __getattr__(self, name: str):
+        value = getattr(self._module, name)
+        if not inspect.isfunction(value):
+            return value
+
+        @functools.wraps(value)
+        def launch(*args, **kwargs):
+            with device_guard(tensor_device(args, kwargs)):
+                return value(*args, **kwargs)
+
+        return launch
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._module, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(self._module, name)
 
 
 def as_numpy(t: torch.Tensor | None):
