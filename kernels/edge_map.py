@@ -22,7 +22,9 @@ from ._common import f64_bits, from_f64_bits
 
 NGRAD = 8
 FWD_BLOCK = (16, 16)
+FWD_REFRESH = 4  # evaluated edges between two block-wide refreshes of the forward's culling bound
 BWD_BLOCK = (32, 32)
+BWD_BLOCK_F64 = (16, 32)  # float64 at 32 x 32 (8 pixels a thread) spilled registers on sm_90
 
 
 @triton.jit
@@ -151,7 +153,7 @@ def _edge_map_fwd_kernel(
     kp_ptr, edges_ptr, unc_ptr, w_ptr, s2_ptr, out_ptr, win_ptr,
     K, E, H, W, n_tiles, w_bstride, s2_bits: tl.int64, eps, tol_scale,
     HAS_U: tl.constexpr, HAS_W: tl.constexpr, PRECISION: tl.constexpr, HAS_S2_PTR: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, DT: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, DT: tl.constexpr, REFRESH: tl.constexpr,
 ):
     b, tile = _sample_and_tile(tl.program_id(0), n_tiles)
     tiles_w = tl.cdiv(W, BLOCK_W)
@@ -172,7 +174,10 @@ def _edge_map_fwd_kernel(
 
     best = tl.full([BLOCK_H, BLOCK_W], float("-inf"), DT)
     arg = tl.full([BLOCK_H, BLOCK_W], -1, tl.int32)
+    # A lower bound of the tile's smallest running maximum (best only grows, so a stale value is
+    # still one): refreshed by a block-wide min after the first and every REFRESH-th evaluated edge.
     tile_min = tl.min(tl.min(best, 1), 0)
+    evaluated = 0
     for e in range(0, E):
         ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, finite = _load_edge(
             kp_ptr, edges_ptr, unc_ptr, w_ptr, b, e, K, w_bstride, eps, HAS_U, HAS_W, DT)
@@ -195,7 +200,9 @@ def _edge_map_fwd_kernel(
             win = (s > best) | (arg < 0) | ((s != s) & (best == best))  # as torch.max: edge 0 first, NaN sticks
             best = tl.where(win, s, best)
             arg = tl.where(win, e, arg)
-            tile_min = tl.min(tl.min(tl.where(valid, best, float("inf")), 1), 0)
+            if evaluated % REFRESH == 0:
+                tile_min = tl.min(tl.min(tl.where(valid, best, float("inf")), 1), 0)
+            evaluated += 1
 
     plane = _plane_offset(b, H, W)
     offs = rows[:, None] * W + cols[None, :]
@@ -206,7 +213,7 @@ def _edge_map_fwd_kernel(
 
 @triton.jit(do_not_specialize=["K", "E", "H", "W", "n_tiles", "w_bstride", "s2_bits"])
 def _edge_map_bwd_kernel(
-    grad_ptr, win_ptr, kp_ptr, edges_ptr, unc_ptr, w_ptr, s2_ptr, part_ptr,
+    grad_ptr, win_ptr, kp_ptr, edges_ptr, unc_ptr, w_ptr, s2_ptr, part_ptr, bad_ptr,
     K, E, H, W, n_tiles, w_bstride, s2_bits: tl.int64, eps,
     HAS_U: tl.constexpr, HAS_W: tl.constexpr, PRECISION: tl.constexpr, HAS_S2_PTR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, DT: tl.constexpr,
@@ -227,56 +234,60 @@ def _edge_map_bwd_kernel(
     winner = tl.load(win_ptr + plane + offs, mask=valid, other=-1)
     part = part_ptr + _partial_offset(b, tile, n_tiles, E)
 
-    for e in range(0, E):
+    # Visit, in increasing order, the edges that win a pixel of the tile (one block-wide min finds
+    # the next) and the edges with a non-finite input (next_bad[b, e]: the first one >= e, E if none),
+    # which also pass 0 * (their derivatives) from every pixel they do not win, as autograd through
+    # the reference does: NaN reaches exactly their inputs.
+    bad = bad_ptr + b * (E + 1)
+    e = tl.minimum(tl.min(tl.min(tl.where(winner >= 0, winner, E), 1), 0), tl.load(bad))
+    while e < E:
         mine = winner == e
         ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, finite = _load_edge(
             kp_ptr, edges_ptr, unc_ptr, w_ptr, b, e, K, w_bstride, eps, HAS_U, HAS_W, DT)
-        # An edge with a non-finite input also passes 0 * (its derivatives) from every pixel it
-        # does not win, as autograd through the reference does: NaN reaches exactly its inputs.
         sel = mine | (valid & (finite == 0))
-        if tl.max(tl.max(sel.to(tl.int32), 1), 0) > 0:
-            apx, apy, t_raw, t, qx, qy, d2, u, ex, s = _evaluate(
-                px, py, ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, s2, HAS_U, PRECISION)
-            if PRECISION:  # S = w exp(-u d2 / s2)
-                dw = ex
-                dd2 = -s * u / s2
-                du = -s * d2 / s2
-                ds2 = s * u * d2 / (s2 * s2)
-            else:  # S = w u exp(-d2 / s2)
-                dw = u * ex
-                dd2 = -s / s2
-                du = ex * w
-                ds2 = s * d2 / (s2 * s2)
-            # d2 is minimal in t, so its gradient ignores t: dd2/da = -2 q (1 - t), dd2/db = -2 q t.
-            # Beyond an end (t clamped to 0 or 1) the other end gets nothing, not 0 * dd2 (NaN stays put).
-            past_b = t_raw >= 1.0
-            past_a = t_raw <= 0.0
-            gax = tl.where(past_b, 0.0, dd2 * -2.0 * qx * (1.0 - t))
-            gay = tl.where(past_b, 0.0, dd2 * -2.0 * qy * (1.0 - t))
-            gbx = tl.where(past_a, 0.0, dd2 * -2.0 * qx * t)
-            gby = tl.where(past_a, 0.0, dd2 * -2.0 * qy * t)
-            if HAS_U:
-                dz = du * u * (1.0 - u)
-                gvi = dz * (1.0 - t)
-                gvj = dz * t
-                through_t = (t_raw >= 0.0) & (t_raw <= 1.0) & (point == 0)
-                c = tl.where(through_t, dz * (vj - vi) / tl.where(point, 1.0, len2), 0.0)
-                gax += c * (2.0 * t * abx - abx - apx)
-                gay += c * (2.0 * t * aby - aby - apy)
-                gbx += c * (apx - 2.0 * t * abx)
-                gby += c * (apy - 2.0 * t * aby)
-            else:
-                gvi = d2 * 0.0
-                gvj = d2 * 0.0
-            g = tl.where(mine, go, 0.0)
-            tl.store(part + e * 8 + 0, tl.sum(tl.sum(tl.where(sel, g * gax, 0.0), 1), 0))
-            tl.store(part + e * 8 + 1, tl.sum(tl.sum(tl.where(sel, g * gay, 0.0), 1), 0))
-            tl.store(part + e * 8 + 2, tl.sum(tl.sum(tl.where(sel, g * gbx, 0.0), 1), 0))
-            tl.store(part + e * 8 + 3, tl.sum(tl.sum(tl.where(sel, g * gby, 0.0), 1), 0))
-            tl.store(part + e * 8 + 4, tl.sum(tl.sum(tl.where(sel, g * gvi, 0.0), 1), 0))
-            tl.store(part + e * 8 + 5, tl.sum(tl.sum(tl.where(sel, g * gvj, 0.0), 1), 0))
-            tl.store(part + e * 8 + 6, tl.sum(tl.sum(tl.where(sel, g * dw, 0.0), 1), 0))
-            tl.store(part + e * 8 + 7, tl.sum(tl.sum(tl.where(sel, g * ds2, 0.0), 1), 0))
+        apx, apy, t_raw, t, qx, qy, d2, u, ex, s = _evaluate(
+            px, py, ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, s2, HAS_U, PRECISION)
+        if PRECISION:  # S = w exp(-u d2 / s2)
+            dw = ex
+            dd2 = -s * u / s2
+            du = -s * d2 / s2
+            ds2 = s * u * d2 / (s2 * s2)
+        else:  # S = w u exp(-d2 / s2)
+            dw = u * ex
+            dd2 = -s / s2
+            du = ex * w
+            ds2 = s * d2 / (s2 * s2)
+        # d2 is minimal in t, so its gradient ignores t: dd2/da = -2 q (1 - t), dd2/db = -2 q t.
+        # Beyond an end (t clamped to 0 or 1) the other end gets nothing, not 0 * dd2 (NaN stays put).
+        past_b = t_raw >= 1.0
+        past_a = t_raw <= 0.0
+        gax = tl.where(past_b, 0.0, dd2 * -2.0 * qx * (1.0 - t))
+        gay = tl.where(past_b, 0.0, dd2 * -2.0 * qy * (1.0 - t))
+        gbx = tl.where(past_a, 0.0, dd2 * -2.0 * qx * t)
+        gby = tl.where(past_a, 0.0, dd2 * -2.0 * qy * t)
+        if HAS_U:
+            dz = du * u * (1.0 - u)
+            gvi = dz * (1.0 - t)
+            gvj = dz * t
+            through_t = (t_raw >= 0.0) & (t_raw <= 1.0) & (point == 0)
+            c = tl.where(through_t, dz * (vj - vi) / tl.where(point, 1.0, len2), 0.0)
+            gax += c * (2.0 * t * abx - abx - apx)
+            gay += c * (2.0 * t * aby - aby - apy)
+            gbx += c * (apx - 2.0 * t * abx)
+            gby += c * (apy - 2.0 * t * aby)
+        else:
+            gvi = d2 * 0.0
+            gvj = d2 * 0.0
+        g = tl.where(mine, go, 0.0)
+        tl.store(part + e * 8 + 0, tl.sum(tl.sum(tl.where(sel, g * gax, 0.0), 1), 0))
+        tl.store(part + e * 8 + 1, tl.sum(tl.sum(tl.where(sel, g * gay, 0.0), 1), 0))
+        tl.store(part + e * 8 + 2, tl.sum(tl.sum(tl.where(sel, g * gbx, 0.0), 1), 0))
+        tl.store(part + e * 8 + 3, tl.sum(tl.sum(tl.where(sel, g * gby, 0.0), 1), 0))
+        tl.store(part + e * 8 + 4, tl.sum(tl.sum(tl.where(sel, g * gvi, 0.0), 1), 0))
+        tl.store(part + e * 8 + 5, tl.sum(tl.sum(tl.where(sel, g * gvj, 0.0), 1), 0))
+        tl.store(part + e * 8 + 6, tl.sum(tl.sum(tl.where(sel, g * dw, 0.0), 1), 0))
+        tl.store(part + e * 8 + 7, tl.sum(tl.sum(tl.where(sel, g * ds2, 0.0), 1), 0))
+        e = tl.minimum(tl.min(tl.min(tl.where(winner > e, winner, E), 1), 0), tl.load(bad + e + 1))
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -306,9 +317,24 @@ def edge_map_forward(kp, edges, unc, w, s2, s2_value, H, W, precision, eps):
         kp, edges, unc if unc is not None else kp, w if w is not None else kp, s2 if s2 is not None else kp, out, winner,
         K, E, H, W, n_tiles, (E if w is not None and w.dim() == 2 else 0), f64_bits(s2_value), eps, tol_scale,
         HAS_U=unc is not None, HAS_W=w is not None, PRECISION=precision, HAS_S2_PTR=s2 is not None,
-        BLOCK_H=FWD_BLOCK[0], BLOCK_W=FWD_BLOCK[1], DT=dt,
+        BLOCK_H=FWD_BLOCK[0], BLOCK_W=FWD_BLOCK[1], DT=dt, REFRESH=FWD_REFRESH,
     )
     return out, winner
+
+
+def _next_nonfinite(kp, edges, unc, w):
+    """``[B, E + 1]`` int32: for each sample and edge ``e`` the first edge ``>= e`` with a NaN or inf
+    among its inputs (its keypoints, their logits, its weight), ``E`` if none."""
+    B, E = kp.shape[0], edges.shape[0]
+    ends = edges.long()
+    finite = torch.isfinite(kp[:, ends]).flatten(2).all(-1)
+    if unc is not None:
+        finite &= torch.isfinite(unc[:, ends]).all(-1)
+    if w is not None:
+        finite &= torch.isfinite(w).expand(B, E)
+    index = torch.where(finite, E, torch.arange(E, device=kp.device))
+    next_bad = index.flip(1).cummin(1).values.flip(1)
+    return torch.cat([next_bad, next_bad.new_full((B, 1), E)], 1).to(torch.int32)
 
 
 def edge_map_backward(grad_out, winner, kp, edges, unc, w, s2, s2_value, precision, eps):
@@ -317,14 +343,15 @@ def edge_map_backward(grad_out, winner, kp, edges, unc, w, s2, s2_value, precisi
     E = edges.shape[0]
     H, W = grad_out.shape[1:]
     acc = torch.float64 if kp.dtype == torch.float64 else torch.float32
-    n_tiles = _tiles(H, W, BWD_BLOCK)
+    block = BWD_BLOCK_F64 if kp.dtype == torch.float64 else BWD_BLOCK
+    n_tiles = _tiles(H, W, block)
     partial = torch.zeros(B, n_tiles, E, NGRAD, dtype=acc, device=kp.device)
     _edge_map_bwd_kernel[(B * n_tiles,)](
         grad_out, winner, kp, edges, unc if unc is not None else kp, w if w is not None else kp,
-        s2 if s2 is not None else kp, partial,
+        s2 if s2 is not None else kp, partial, _next_nonfinite(kp, edges, unc, w),
         K, E, H, W, n_tiles, (E if w is not None and w.dim() == 2 else 0), f64_bits(s2_value), eps,
         HAS_U=unc is not None, HAS_W=w is not None, PRECISION=precision, HAS_S2_PTR=s2 is not None,
-        BLOCK_H=BWD_BLOCK[0], BLOCK_W=BWD_BLOCK[1], DT=_tl_dtype(kp.dtype),
+        BLOCK_H=block[0], BLOCK_W=block[1], DT=_tl_dtype(kp.dtype),
     )
     return partial.sum(1)
 
@@ -338,21 +365,21 @@ def _compile_cases():
     for dt, ptr, has_u, has_w, precision in combos:
         common = dict(HAS_U=has_u, HAS_W=has_w, PRECISION=precision, HAS_S2_PTR=precision, DT=dt)
         acc = "*fp64" if dt == tl.float64 else "*fp32"
-        label = f"{ptr[1:]} u={int(has_u)} w={int(has_w)} precision={int(precision)}"
+        label = f"{ptr[1:]} u={int(has_u)} w={int(has_w)} precision={int(precision)} s2={'tensor' if precision else 'float'}"
         fwd_sig = {
             "kp_ptr": ptr, "edges_ptr": "*i32", "unc_ptr": ptr, "w_ptr": ptr, "s2_ptr": acc,
             "out_ptr": ptr, "win_ptr": "*i32", "K": "i32", "E": "i32", "H": "i32", "W": "i32",
             "n_tiles": "i32", "w_bstride": "i32", "s2_bits": "i64", "eps": "fp32", "tol_scale": "fp32", **flags,
         }
-        cases.append((f"edge_map fwd {label}", _edge_map_fwd_kernel, fwd_sig,
-                      dict(common, BLOCK_H=FWD_BLOCK[0], BLOCK_W=FWD_BLOCK[1])))
+        cases.append((f"edge_map fwd {label}", _edge_map_fwd_kernel, {**fwd_sig, "REFRESH": "constexpr"},
+                      dict(common, BLOCK_H=FWD_BLOCK[0], BLOCK_W=FWD_BLOCK[1], REFRESH=FWD_REFRESH)))
         bwd_sig = {
             "grad_ptr": ptr, "win_ptr": "*i32", "kp_ptr": ptr, "edges_ptr": "*i32", "unc_ptr": ptr,
-            "w_ptr": ptr, "s2_ptr": acc, "part_ptr": acc, "K": "i32", "E": "i32", "H": "i32",
+            "w_ptr": ptr, "s2_ptr": acc, "part_ptr": acc, "bad_ptr": "*i32", "K": "i32", "E": "i32", "H": "i32",
             "W": "i32", "n_tiles": "i32", "w_bstride": "i32", "s2_bits": "i64", "eps": "fp32", **flags,
         }
-        cases.append((f"edge_map bwd {label}", _edge_map_bwd_kernel, bwd_sig,
-                      dict(common, BLOCK_H=BWD_BLOCK[0], BLOCK_W=BWD_BLOCK[1])))
+        block = BWD_BLOCK_F64 if dt == tl.float64 else BWD_BLOCK
+        cases.append((f"edge_map bwd {label}", _edge_map_bwd_kernel, bwd_sig, dict(common, BLOCK_H=block[0], BLOCK_W=block[1])))
     return cases
 
 

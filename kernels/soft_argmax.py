@@ -281,7 +281,11 @@ def _block(HW: int, cg: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(HW)))
 
 
-def _warps(block: int) -> int:
+def _warps(block: int, cg: int = 1, dtype: torch.dtype = torch.float32) -> int:
+    """Warps of a program: one per 256 lanes, at most 4; float64 with more than 2 readout channels
+    in registers takes 4 (2 spilled registers on sm_90 at cg = 8)."""
+    if dtype == torch.float64 and cg > 2:
+        return 4
     return max(1, min(4, block // 256))
 
 
@@ -362,7 +366,8 @@ def soft_argmax_forward(heatmaps, readouts, stacked, beta, beta_value, *, split=
         heatmaps, R.base, R.table_or(stats), beta if beta is not None else stats, kp, values, stats, part,
         f64_bits(beta_value), K, H, W, heatmaps.stride(0), heatmaps.stride(1), R.sb, R.sk, R.sc, C, per, nsplit,
         HAS_BETA_PTR=beta is not None, HAS_R=C > 0, USE_TABLE=R.use_table, SPLIT=nsplit > 1,
-        CG=cg, BLOCK=block, DT=_tl_dtype(heatmaps.dtype), FAST_DIV=HW <= FAST_DIV_MAX, num_warps=_warps(block),
+        CG=cg, BLOCK=block, DT=_tl_dtype(heatmaps.dtype), FAST_DIV=HW <= FAST_DIV_MAX,
+        num_warps=_warps(block, cg, heatmaps.dtype),
     )
     if nsplit > 1:
         _soft_argmax_combine_kernel[(rows,)](
@@ -438,11 +443,13 @@ def _compile_cases():
         for v in fwd_variants:
             block = _block(1 << 16, v["CG"])
             label = f"{ptr[1:]} " + " ".join(f"{k.lower()}={int(x)}" for k, x in v.items())
-            cases.append((f"soft_argmax fwd {label}", _soft_argmax_fwd_kernel, fwd_sig, dict(v, BLOCK=block, DT=dt)))
+            cases.append((f"soft_argmax fwd {label}", _soft_argmax_fwd_kernel, fwd_sig, dict(v, BLOCK=block, DT=dt),
+                          {"num_warps": _warps(block, v["CG"], torch.float64 if dt == tl.float64 else torch.float32)}))
         if ptr in ("*fp32", "*fp64"):
             comb_sig = {"part_ptr": acc, "kp_ptr": acc, "val_ptr": acc, "stats_ptr": acc, "nsplit": "i32", "C": "i32",
                         "NS": _CONSTEXPR, "CB": _CONSTEXPR, "DT": _CONSTEXPR}
-            cases.append((f"soft_argmax combine {acc[1:]}", _soft_argmax_combine_kernel, comb_sig, dict(NS=64, CB=8, DT=dt)))
+            cases.append((f"soft_argmax combine {acc[1:]}", _soft_argmax_combine_kernel, comb_sig, dict(NS=64, CB=8, DT=dt),
+                          {"num_warps": 1}))
         bwd_ints = ints[:-2] + ("g_sc", "g_sb", "g_sk", "tiles_per_split", "nsplit")
         bwd_sig = {
             "gkp_ptr": acc, "gval_ptr": acc, "h_ptr": ptr, "r_ptr": ptr, "roff_ptr": "*i64", "beta_ptr": acc,
@@ -458,7 +465,9 @@ def _compile_cases():
         ]
         for v in bwd_variants:
             label = f"{ptr[1:]} " + " ".join(f"{k.lower()}={int(x)}" for k, x in v.items())
-            cases.append((f"soft_argmax bwd {label}", _soft_argmax_bwd_kernel, bwd_sig, dict(v, BLOCK=_block(1 << 16, 1), DT=dt)))
+            block = _block(1 << 16, 1)
+            cases.append((f"soft_argmax bwd {label}", _soft_argmax_bwd_kernel, bwd_sig, dict(v, BLOCK=block, DT=dt),
+                          {"num_warps": _warps(block)}))
     return cases
 
 

@@ -3,10 +3,14 @@ inputs, validation, torch.compile/opcheck and memory kept for backward."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 import kpfast
+from kpfast.backend import interpreting_triton
+from kpfast.nn import all_pairs
 from kpfast.reference import edge_map_reference
 
 from _util import (FACTORIES, HOST_READS, assert_close, calls_from_kpfast, device_for, fresh_generator,
@@ -215,6 +219,29 @@ def test_host_syncs_and_copies_per_call(edges_as, sigma2_as):
     reads = sum(counts[name] for name in HOST_READS)
     assert reads == (0 if (edges_as, sigma2_as) == ("list", "float") else 1), f"host reads {dict(counts)}"
     assert not any(counts[name] for name in FACTORIES), f"tensors built from Python values: {dict(counts)}"
+
+
+@pytest.mark.skipif(not interpreting_triton(), reason="counts calls inside the Triton interpreter")
+def test_triton_backward_visits_only_the_edges_that_win_in_a_tile(monkeypatch):
+    """Issue 16.7: the backward walked all E edges of every tile with a block-wide reduction each;
+    it now visits the edges that win a pixel of the tile (and edges with a non-finite input)."""
+    kernels = importlib.import_module("kpfast.kernels.edge_map")
+    gen, seed = fresh_generator()
+    B, K, H, W = 1, 9, 36, 40
+    kp = (torch.rand(B, K, 2, generator=gen) * 2 - 1).requires_grad_()
+    edges = torch.tensor(all_pairs(K))
+    out, winner = run("triton", torch.ops.kpfast.edge_map, kp, edges, H, W, None, None, None, 0.01, False, "triton", True)
+    loads = []
+    load = kernels._load_edge
+    monkeypatch.setattr(kernels, "_load_edge", lambda *args: loads.append(args[5]) or load.fn(*args))
+    torch.autograd.grad(out.sum(), kp)
+    bh, bw = kernels.BWD_BLOCK
+    want = sum(
+        len(torch.unique(winner[b, i:i + bh, j:j + bw])) for b in range(B) for i in range(0, H, bh) for j in range(0, W, bw)
+    )
+    assert len(loads) == want, f"visited {len(loads)} edge-tiles, {want} (tile, winner) pairs (seed {seed})"
+    n_tiles = B * -(-H // bh) * -(-W // bw)
+    assert want < n_tiles * len(edges) / 2  # the old loop visited n_tiles * E
 
 
 def test_edges_as_pairs_or_tensor_agree():
