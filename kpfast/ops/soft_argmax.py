@@ -283,10 +283,11 @@ def soft_argmax(heatmaps: Tensor, readouts=None, *, beta=1.0) -> tuple[Tensor, O
     Special values: a ``-inf`` heatmap entry masks its pixel (weight 0 and heatmap
     gradient 0, for any beta). Logits of any finite size give finite results (``+-1e4``,
     all equal). A row masked everywhere has no weights: its keypoint, values and readout
-    gradients are NaN, as ``torch.softmax`` gives. NaN or ``+inf`` in a heatmap row makes
-    that row's outputs and gradients NaN; NaN in a readout map makes that value NaN (even
-    where the weight is 0) and, if the values are used, that row's heatmap and beta
-    gradients; an infinite readout gives an infinite or NaN value. Gradients are those of
+    gradients are NaN, as ``torch.softmax`` gives. NaN in a heatmap row, or a logit
+    ``beta * h`` of ``+inf``, makes that row's outputs and gradients NaN (``h = +inf``
+    with ``beta < 0`` is a logit of ``-inf``: weight 0); NaN in a readout map makes that
+    value NaN (even where the weight is 0) and, if the values are used, that row's
+    heatmap and beta gradients; an infinite readout gives an infinite or NaN value. Gradients are those of
     autograd through the reference, on every backend. The backend follows
     :func:`kpfast.use_backend` (CUDA: Triton, CPU: C++). First derivatives only: the
     backward is itself not differentiable (no double backward).
