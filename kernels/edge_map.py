@@ -1,14 +1,17 @@
 """Triton kernels of ``kpfast.edge_map``: forward and backward.
 
-One program per (pixel tile, sample). The forward walks the edges in index
-order keeping a running per-pixel maximum and winner; an edge whose upper bound
-over the tile (weight x largest certainty x Gaussian of the tile-to-segment
-distance, padded for rounding) cannot beat the tile's smallest running maximum
-is skipped, which changes no output and no gradient. The backward recomputes
-the winning edge's value per pixel and writes per-(tile, edge) partial sums of
-the eight gradients (a_x, a_y, b_x, b_y, v_i, v_j, w, sigma2) to a buffer
-that the launcher reduces, as the layer-norm tutorial does, instead of
-contended atomics. Memory kept between the two: the ``[B, H, W]`` int32 winner.
+One program per (sample, pixel tile), on one flat grid axis. The forward walks
+the edges in index order keeping a running per-pixel maximum and winner; an
+edge whose upper bound over the tile (weight x largest certainty x Gaussian of
+the tile-to-segment distance, padded for rounding) cannot beat the tile's
+smallest running maximum is skipped, which changes no output and no gradient
+(an edge with a NaN or inf input is never skipped: compiled min/max drop NaN).
+The backward visits the edges that win a pixel of the tile (and those with a
+non-finite input), recomputes their values per pixel and writes
+per-(tile, edge) partial sums of the eight gradients (a_x, a_y, b_x, b_y, v_i,
+v_j, w, sigma2) to a buffer that the launcher reduces, as the layer-norm
+tutorial does, instead of contended atomics. Memory kept between the two: the
+``[B, H, W]`` int32 winner. Offsets across samples are int64.
 Semantics: ``kpfast/reference.py::edge_map_reference``.
 """
 

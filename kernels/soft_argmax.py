@@ -20,8 +20,9 @@ Readouts are addressed as ``base + b*r_sb + k*r_sk + offset_c + p`` with
 ``offset_c = c * r_sc`` (a stacked tensor, or a sequence of maps that are equally
 spaced in memory such as channel chunks of one network output) or read from an
 int64 table of element offsets relative to the first map (any other sequence of
-same-dtype maps, cached per layout): a sequence of readouts is never copied into a
-stacked tensor.
+same-dtype maps; a device constant copied once per layout, capturable in a CUDA
+graph): a sequence of readouts is never copied into a stacked tensor. Channel
+offsets are int64; a float beta is passed as a value (its float64 bits).
 Semantics: ``kpfast/reference.py::soft_argmax_reference``.
 """
 
