@@ -4,6 +4,7 @@ CUDA graph can capture, and launches on the tensors' device."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import pytest
 import torch
@@ -41,6 +42,18 @@ def test_device_constants_keep_the_most_recent():
     assert _backends.device_constant((_backends.CONSTANTS_CACHED + 4, -1), torch.int64, META) is made[-1]
 
 
+@pytest.mark.skipif("triton" not in kernel_backends(), reason="Triton kernels need the interpreter or a GPU")
+def test_guarded_launchers_keep_their_module_patchable(monkeypatch):
+    """The guard wraps the launchers in place: triton_kernels(op) is the module itself, whose constants
+    tests patch (a proxy object broke pytest's undo of such patches)."""
+    module = _backends.triton_kernels("edge_map")
+    assert module is importlib.import_module("kpfast.kernels.edge_map")
+    assert module.edge_map_forward.on_tensor_device and module.edge_map_backward.on_tensor_device
+    monkeypatch.setattr(module, "FWD_REFRESH", 1)
+    monkeypatch.undo()
+    assert module.FWD_REFRESH == 4
+
+
 def test_tensor_device_looks_into_sequences():
     t = torch.zeros(1, device=META)
     assert _backends.tensor_device((None, [t], 3), {}) == META
@@ -60,8 +73,8 @@ def test_every_op_launches_under_the_guard_of_its_tensors_device(monkeypatch):
         return contextlib.nullcontext()
 
     monkeypatch.setattr(_backends, "device_guard", recording_guard)
-    device = device_for("triton")
-    kp = torch.rand(1, 3, 2, device=device, requires_grad=True)
+    kp = torch.rand(1, 3, 2, device=device_for("triton"), requires_grad=True)
+    device = kp.device  # cuda:0 on a GPU
     heat = torch.randn(1, 2, 4, 4, device=device, requires_grad=True)
     pts = torch.randn(2, 4, 3, device=device, requires_grad=True)
     with kpfast.use_backend("triton"):
@@ -73,7 +86,7 @@ def test_every_op_launches_under_the_guard_of_its_tensors_device(monkeypatch):
         }.items():
             seen.clear()
             out.sum().backward()
-            assert seen == [device], f"{name} backward: {seen}"
+            assert seen and set(seen) == {device}, f"{name} backward: {seen}"
     seen.clear()
     with kpfast.use_backend("triton"):
         kpfast.edge_map(kp, [(0, 1)], 4)

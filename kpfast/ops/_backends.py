@@ -24,10 +24,15 @@ def cpp() -> ModuleType:
 
 
 @functools.lru_cache(maxsize=None)
-def triton_kernels(op: str) -> "LaunchOnTensorDevice":
-    """The Triton kernel module ``kpfast.kernels.<op>`` (imports triton lazily), its functions
-    launching on their tensors' device (see :class:`LaunchOnTensorDevice`)."""
-    return LaunchOnTensorDevice(importlib.import_module(f"kpfast.kernels.{op}"))
+def triton_kernels(op: str) -> ModuleType:
+    """The Triton kernel module ``kpfast.kernels.<op>`` (imports triton lazily). On first use its
+    launchers (public functions) are wrapped to run on their tensors' device: see
+    :func:`on_tensor_device`."""
+    module = importlib.import_module(f"kpfast.kernels.{op}")
+    for name, value in list(vars(module).items()):
+        if inspect.isfunction(value) and not name.startswith("_") and value.__module__ == module.__name__:
+            setattr(module, name, on_tensor_device(value))
+    return module
 
 
 def tensor_device(args, kwargs) -> torch.device | None:
@@ -47,32 +52,20 @@ def device_guard(device: torch.device | None):
     return torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
 
 
-class LaunchOnTensorDevice:
-    """A kernel module whose functions run with the CUDA device of their first tensor argument
-    made current. Triton launches on the current device and its current stream; tensors on
-    ``cuda:1`` while ``cuda:0`` is current would otherwise fault, or run on the wrong device
-    unordered with their stream. Reading and writing other attributes goes to the module."""
+def on_tensor_device(launcher):
+    """``launcher`` run with the CUDA device of its first tensor argument made current. Triton
+    launches on the current device and its current stream; tensors on ``cuda:1`` while ``cuda:0``
+    is current would otherwise fault, or run on the wrong device unordered with their stream."""
+    if getattr(launcher, "on_tensor_device", False):
+        return launcher
 
-    def __init__(self, module: ModuleType):
-        object.__setattr__(self, "_module", module)
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        with device_guard(tensor_device(args, kwargs)):
+            return launcher(*args, **kwargs)
 
-    def __getattr__(self, name: str):
-        value = getattr(self._module, name)
-        if not inspect.isfunction(value):
-            return value
-
-        @functools.wraps(value)
-        def launch(*args, **kwargs):
-            with device_guard(tensor_device(args, kwargs)):
-                return value(*args, **kwargs)
-
-        return launch
-
-    def __setattr__(self, name: str, value) -> None:
-        setattr(self._module, name, value)
-
-    def __delattr__(self, name: str) -> None:
-        delattr(self._module, name)
+    launch.on_tensor_device = True
+    return launch
 
 
 def as_numpy(t: torch.Tensor | None):
