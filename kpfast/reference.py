@@ -3,7 +3,7 @@
 Readable, float64-safe and differentiable by ordinary autograd; every kernel is
 checked against these functions. They materialize everything (``edge_map``
 keeps several ``B*E*H*W`` tensors for backward), which is why the fused kernels
-exist. Conventions (``../shared/DESIGN.md``): keypoints are ``(x, y)`` in
+exist. Conventions (README, "A tour of the API"): keypoints are ``(x, y)`` in
 ``[-1, 1]`` with pixel centres at the ends, so column ``j`` of a ``W``-wide
 image sits at ``x = -1 + 2 j / (W - 1)``.
 """
