@@ -18,6 +18,7 @@ template <typename T>
 struct Edge {
   T ax, ay, bx, by, abx, aby, len2;
   bool point;
+  bool finite;  // no NaN or inf among its inputs: only such an edge may be culled
   T vi, vj, umin, umax, w;
   T tol;  // bound on the rounding error of a squared distance for this edge
 };
@@ -64,6 +65,8 @@ struct Problem {
       g.umin = g.umax = T(1);
     }
     g.w = w ? w[b * w_bstride + e] : T(1);
+    g.finite = std::isfinite(g.ax) && std::isfinite(g.ay) && std::isfinite(g.bx) && std::isfinite(g.by) &&
+               std::isfinite(g.vi) && std::isfinite(g.vj) && std::isfinite(g.w);
     const T r2 = T(2) + g.ax * g.ax + g.ay * g.ay + g.bx * g.bx + g.by * g.by;
     g.tol = (sizeof(T) == 4 ? T(1e-5) : T(1e-12)) * r2;
     return g;
@@ -162,20 +165,21 @@ void forward(const Problem<T>& P, T* out, int32_t* winner, int threads) {
     const T x0 = P.x(j0), x1 = P.x(j1 - 1), y0 = P.y(i0), y1 = P.y(i1 - 1);
     T best[TILE_H * TILE_W];
     int32_t arg[TILE_H * TILE_W];
-    std::fill(best, best + TILE_H * TILE_W, T(-1));  // below any S_e, so edge 0 always wins first
+    std::fill(best, best + TILE_H * TILE_W, -std::numeric_limits<T>::infinity());
     std::fill(arg, arg + TILE_H * TILE_W, -1);
-    T tile_min = T(-1);
+    T tile_min = -std::numeric_limits<T>::infinity();
     for (int64_t e = 0; e < P.E; ++e) {
       const Edge<T>& g = geom[b * P.E + e];
-      // Exact culling: S_e <= bound <= best(p) everywhere in the tile, so e wins nowhere.
-      if (g.w >= 0 && upper_bound(P, g, x0, y0, x1, y1) <= tile_min) continue;
+      // Exact culling: S_e <= bound <= best(p) everywhere in the tile, so e wins nowhere. The bound's
+      // std::min/std::max may drop a NaN, so an edge with a non-finite input is always evaluated.
+      if (g.finite && g.w >= 0 && upper_bound(P, g, x0, y0, x1, y1) <= tile_min) continue;
       T new_min = std::numeric_limits<T>::infinity();
       for (int64_t i = i0; i < i1; ++i) {
         const T py = P.y(i);
         for (int64_t j = j0; j < j1; ++j) {
           const int64_t l = (i - i0) * TILE_W + (j - j0);
           const T s = P.eval(g, P.x(j), py).s;
-          if (s > best[l] || (s != s && best[l] == best[l])) {
+          if (s > best[l] || arg[l] < 0 || (s != s && best[l] == best[l])) {  // as torch.max: edge 0 first, NaN sticks
             best[l] = s;
             arg[l] = static_cast<int32_t>(e);
           }
@@ -195,11 +199,67 @@ void forward(const Problem<T>& P, T* out, int32_t* winner, int threads) {
   });
 }
 
+// Adds go * d S_e(p) / d(ax, ay, bx, by, v_i, v_j, w, sigma2) to acc[0..8).
+template <typename T>
+void accumulate(const Problem<T>& P, const Edge<T>& g, T px, T py, T go, double* acc) {
+  const Sample<T> r = P.eval(g, px, py);
+  T dw, dd2, du, ds2;
+  if (P.precision) {  // S = w exp(-u d2 / s2)
+    dw = r.ex;
+    const T s = r.ex * g.w;
+    dd2 = -s * r.u / P.s2;
+    du = -s * r.d2 / P.s2;
+    ds2 = s * r.u * r.d2 / (P.s2 * P.s2);
+  } else {  // S = w u exp(-d2 / s2)
+    dw = r.u * r.ex;
+    const T s = dw * g.w;
+    dd2 = -s / P.s2;
+    du = r.ex * g.w;
+    ds2 = s * r.d2 / (P.s2 * P.s2);
+  }
+  // d2 is minimal in t, so its gradient ignores t: dd2/da = -2 q (1 - t), dd2/db = -2 q t.
+  // Beyond an end (t clamped to 0 or 1) the other end gets nothing, not 0 * dd2 (NaN stays put).
+  const bool past_a = r.t_raw <= 0, past_b = r.t_raw >= 1;
+  T gax = past_b ? T(0) : dd2 * T(-2) * r.qx * (1 - r.t);
+  T gay = past_b ? T(0) : dd2 * T(-2) * r.qy * (1 - r.t);
+  T gbx = past_a ? T(0) : dd2 * T(-2) * r.qx * r.t;
+  T gby = past_a ? T(0) : dd2 * T(-2) * r.qy * r.t;
+  T gvi = 0, gvj = 0;
+  if (P.unc) {
+    const T dz = du * r.u * (1 - r.u);
+    gvi = dz * (1 - r.t);
+    gvj = dz * r.t;
+    if (!g.point && r.t_raw >= 0 && r.t_raw <= 1) {  // u depends on t through the interpolation
+      const T c = dz * (g.vj - g.vi) / g.len2;
+      gax += c * (2 * r.t * g.abx - g.abx - r.apx);
+      gay += c * (2 * r.t * g.aby - g.aby - r.apy);
+      gbx += c * (r.apx - 2 * r.t * g.abx);
+      gby += c * (r.apy - 2 * r.t * g.aby);
+    }
+  }
+  acc[0] += double(go * gax);
+  acc[1] += double(go * gay);
+  acc[2] += double(go * gbx);
+  acc[3] += double(go * gby);
+  acc[4] += double(go * gvi);
+  acc[5] += double(go * gvj);
+  acc[6] += double(go * dw);
+  acc[7] += double(go * ds2);
+}
+
 // `partial` is caller-allocated scratch of B * bands(H) * E * NGRAD doubles.
 template <typename T>
 void backward(const Problem<T>& P, const T* grad_out, const int32_t* winner, double* partial, T* grad_edges, int threads) {
   const int64_t bands = (P.H + BAND_H - 1) / BAND_H;
   const std::vector<Edge<T>> geom = all_edges(P, threads);
+  // Edges with a non-finite input, by sample: they also pass 0 * (their derivatives) from every
+  // pixel they do not win, as autograd through the reference does, so NaN reaches exactly their inputs.
+  std::vector<std::vector<int32_t>> nonfinite(P.B);
+  for (int64_t b = 0; b < P.B; ++b) {
+    for (int64_t e = 0; e < P.E; ++e) {
+      if (!geom[b * P.E + e].finite) nonfinite[b].push_back(static_cast<int32_t>(e));
+    }
+  }
   std::fill(partial, partial + P.B * bands * P.E * NGRAD, 0.0);
   parallel_for(P.B * bands, threads, [&](int64_t item) {
     const int64_t b = item / bands, i0 = (item % bands) * BAND_H, i1 = std::min(i0 + BAND_H, P.H);
@@ -209,49 +269,10 @@ void backward(const Problem<T>& P, const T* grad_out, const int32_t* winner, dou
       for (int64_t j = 0; j < P.W; ++j) {
         const int64_t o = (b * P.H + i) * P.W + j;
         const int32_t e = winner[o];
-        if (e < 0) continue;
-        const Edge<T>& g = geom[b * P.E + e];
-        const Sample<T> r = P.eval(g, P.x(j), py);
-        const T go = grad_out[o];
-        T dw, dd2, du, ds2;
-        if (P.precision) {  // S = w exp(-u d2 / s2)
-          dw = r.ex;
-          const T s = r.ex * g.w;
-          dd2 = -s * r.u / P.s2;
-          du = -s * r.d2 / P.s2;
-          ds2 = s * r.u * r.d2 / (P.s2 * P.s2);
-        } else {  // S = w u exp(-d2 / s2)
-          dw = r.u * r.ex;
-          const T s = dw * g.w;
-          dd2 = -s / P.s2;
-          du = r.ex * g.w;
-          ds2 = s * r.d2 / (P.s2 * P.s2);
+        if (e >= 0) accumulate(P, geom[b * P.E + e], P.x(j), py, grad_out[o], acc + e * NGRAD);
+        for (const int32_t f : nonfinite[b]) {
+          if (f != e) accumulate(P, geom[b * P.E + f], P.x(j), py, T(0), acc + f * NGRAD);
         }
-        // d2 is minimal in t, so its gradient ignores t: dd2/da = -2 q (1 - t), dd2/db = -2 q t.
-        T gax = dd2 * T(-2) * r.qx * (1 - r.t), gay = dd2 * T(-2) * r.qy * (1 - r.t);
-        T gbx = dd2 * T(-2) * r.qx * r.t, gby = dd2 * T(-2) * r.qy * r.t;
-        T gvi = 0, gvj = 0;
-        if (P.unc) {
-          const T dz = du * r.u * (1 - r.u);
-          gvi = dz * (1 - r.t);
-          gvj = dz * r.t;
-          if (!g.point && r.t_raw >= 0 && r.t_raw <= 1) {  // u depends on t through the interpolation
-            const T c = dz * (g.vj - g.vi) / g.len2;
-            gax += c * (2 * r.t * g.abx - g.abx - r.apx);
-            gay += c * (2 * r.t * g.aby - g.aby - r.apy);
-            gbx += c * (r.apx - 2 * r.t * g.abx);
-            gby += c * (r.apy - 2 * r.t * g.aby);
-          }
-        }
-        double* a = acc + e * NGRAD;
-        a[0] += double(go * gax);
-        a[1] += double(go * gay);
-        a[2] += double(go * gbx);
-        a[3] += double(go * gby);
-        a[4] += double(go * gvi);
-        a[5] += double(go * gvj);
-        a[6] += double(go * dw);
-        a[7] += double(go * ds2);
       }
     }
   });

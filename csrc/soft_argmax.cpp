@@ -230,7 +230,7 @@ struct Grads {
 
 // One heatmap row of the backward; returns its share of d/dbeta. With w = exp(z - m) / l and
 // delta = g_x (x - k_x) + g_y (y - k_y) + sum_c g_c (R_c - r_c):
-//   dL/dh = beta w delta,  dL/dR_c = g_c w,  dL/dbeta = sum_p w h delta.
+//   dL/dh = beta w delta (0 at a masked pixel),  dL/dR_c = g_c w,  dL/dbeta = sum_p w h delta.
 // Each chunk: (1) w and the coordinate part of delta, (2) one pass per readout, (3) dL/dh and
 // dL/dbeta; every map is read or written once.
 template <typename T>
@@ -256,7 +256,9 @@ KPFAST_CLONES T backward_row(const Problem<T>& P, const Grads<T>& G, int64_t row
     for (int64_t t0 = 0, len; t0 < n; t0 += len) {  // one image row at a time: y is constant
       const int64_t q = q0 + t0, i = q / P.W, j0 = q - i * P.W;
       len = std::min(P.W - j0, n - t0);
-      const T base = gy * (P.ys[i] - ky) - gx * kx;
+      // gx (x - kx), not gx x - gx kx: where the weight is concentrated x is close to kx, and
+      // the difference of the products would leave an error of ~eps |gx| that beta multiplies.
+      const T dy = gy * (P.ys[i] - ky);
       const T* x = P.xs.data() + j0;
       const T* hs = hq + t0;
       T* ws = w + t0;
@@ -264,7 +266,7 @@ KPFAST_CLONES T backward_row(const Problem<T>& P, const Grads<T>& G, int64_t row
 #pragma omp simd
       for (int64_t t = 0; t < len; ++t) {
         ws[t] = fast_exp(logit(hs[t], beta) - m) * inv_l;
-        d[t] = gx * x[t] + base;
+        d[t] = gx * (x[t] - kx) + dy;
       }
     }
     for (int64_t c = 0; c < C; ++c) {
@@ -289,7 +291,7 @@ KPFAST_CLONES T backward_row(const Problem<T>& P, const Grads<T>& G, int64_t row
     if (need_h) {
       T* gh = G.gh.at(b, k) + q0;
 #pragma omp simd
-      for (int64_t t = 0; t < n; ++t) gh[t] = beta * w[t] * delta[t];
+      for (int64_t t = 0; t < n; ++t) gh[t] = hq[t] == ninf ? T(0) : beta * w[t] * delta[t];  // masked: none
     }
     if (need_beta) {
 #pragma omp simd reduction(+ : gb)

@@ -1,14 +1,17 @@
 """Triton kernels of ``kpfast.edge_map``: forward and backward.
 
-One program per (pixel tile, sample). The forward walks the edges in index
-order keeping a running per-pixel maximum and winner; an edge whose upper bound
-over the tile (weight x largest certainty x Gaussian of the tile-to-segment
-distance, padded for rounding) cannot beat the tile's smallest running maximum
-is skipped, which changes no output and no gradient. The backward recomputes
-the winning edge's value per pixel and writes per-(tile, edge) partial sums of
-the eight gradients (a_x, a_y, b_x, b_y, v_i, v_j, w, sigma2) to a buffer
-that the launcher reduces, as the layer-norm tutorial does, instead of
-contended atomics. Memory kept between the two: the ``[B, H, W]`` int32 winner.
+One program per (sample, pixel tile), on one flat grid axis. The forward walks
+the edges in index order keeping a running per-pixel maximum and winner; an
+edge whose upper bound over the tile (weight x largest certainty x Gaussian of
+the tile-to-segment distance, padded for rounding) cannot beat the tile's
+smallest running maximum is skipped, which changes no output and no gradient
+(an edge with a NaN or inf input is never skipped: compiled min/max drop NaN).
+The backward visits the edges that win a pixel of the tile (and those with a
+non-finite input), recomputes their values per pixel and writes
+per-(tile, edge) partial sums of the eight gradients (a_x, a_y, b_x, b_y, v_i,
+v_j, w, sigma2) to a buffer that the launcher reduces, as the layer-norm
+tutorial does, instead of contended atomics. Memory kept between the two: the
+``[B, H, W]`` int32 winner. Offsets across samples are int64.
 Semantics: ``kpfast/reference.py::edge_map_reference``.
 """
 
@@ -18,9 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import f64_bits, from_f64_bits
+
 NGRAD = 8
 FWD_BLOCK = (16, 16)
+FWD_REFRESH = 4  # evaluated edges between two block-wide refreshes of the forward's culling bound
 BWD_BLOCK = (32, 32)
+BWD_BLOCK_F64 = (16, 32)  # float64 at 32 x 32 (8 pixels a thread) spilled registers on sm_90
 
 
 @triton.jit
@@ -51,7 +58,10 @@ def _load_edge(kp_ptr, edges_ptr, unc_ptr, w_ptr, b, e, K, w_bstride, eps, HAS_U
     aby = by - ay
     len2 = abx * abx + aby * aby
     point = len2 < eps
-    return ax, ay, bx, by, abx, aby, len2, point, vi, vj, w
+    # NaN or inf among the edge's inputs (x * 0 is 0 only for finite x): never culled, since the
+    # compiled tl.maximum/tl.minimum drop a NaN operand and would make its upper bound finite.
+    finite = (ax * 0.0 + ay * 0.0 + bx * 0.0 + by * 0.0 + vi * 0.0 + vj * 0.0 + w * 0.0) == 0.0
+    return ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, finite
 
 
 @triton.jit
@@ -113,15 +123,42 @@ def _segment_box_dist2(ax, ay, bx, by, abx, aby, len2, point, x0, y0, x1, y1):
     return tl.where(crosses, 0.0, best)
 
 
-@triton.jit(do_not_specialize=["K", "E", "H", "W", "w_bstride"])
+@triton.jit
+def _sample_and_tile(pid, n_tiles):
+    """Program -> (sample as int64, pixel tile): one flat grid axis, so B is not capped at 65535."""
+    return (pid // n_tiles).to(tl.int64), pid % n_tiles
+
+
+@triton.jit
+def _plane_offset(b, H, W):
+    """Element offset of sample ``b``'s ``[H, W]`` plane, in int64 (``B*H*W`` may pass 2^31; offsets
+    inside a plane are int32, the caller checks ``H*W < 2^31``)."""
+    return b.to(tl.int64) * H * W
+
+
+@triton.jit
+def _partial_offset(b, tile, n_tiles, E):
+    """Element offset of the ``(b, tile)`` block of the ``[B, tiles, E, 8]`` partial sums, in int64."""
+    return (b.to(tl.int64) * n_tiles + tile) * E * 8
+
+
+@triton.jit
+def _sigma2(s2_ptr, s2_bits, HAS_S2_PTR: tl.constexpr, DT: tl.constexpr):
+    if HAS_S2_PTR:
+        s2 = tl.load(s2_ptr).to(DT)
+    else:
+        s2 = from_f64_bits(s2_bits, DT)
+    return s2
+
+
+@triton.jit(do_not_specialize=["K", "E", "H", "W", "n_tiles", "w_bstride", "s2_bits"])
 def _edge_map_fwd_kernel(
     kp_ptr, edges_ptr, unc_ptr, w_ptr, s2_ptr, out_ptr, win_ptr,
-    K, E, H, W, w_bstride, eps, tol_scale,
-    HAS_U: tl.constexpr, HAS_W: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, DT: tl.constexpr,
+    K, E, H, W, n_tiles, w_bstride, s2_bits: tl.int64, eps, tol_scale,
+    HAS_U: tl.constexpr, HAS_W: tl.constexpr, PRECISION: tl.constexpr, HAS_S2_PTR: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, DT: tl.constexpr, REFRESH: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    b = tl.program_id(1)
+    b, tile = _sample_and_tile(tl.program_id(0), n_tiles)
     tiles_w = tl.cdiv(W, BLOCK_W)
     rows = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -136,13 +173,16 @@ def _edge_map_fwd_kernel(
     y1 = tl.minimum(r0 + BLOCK_H - 1, H - 1).to(DT) * step_y - 1.0
     x0 = c0.to(DT) * step_x - 1.0
     x1 = tl.minimum(c0 + BLOCK_W - 1, W - 1).to(DT) * step_x - 1.0
-    s2 = tl.load(s2_ptr).to(DT)
+    s2 = _sigma2(s2_ptr, s2_bits, HAS_S2_PTR, DT)
 
-    best = tl.full([BLOCK_H, BLOCK_W], -1.0, DT)  # below any S_e: edge 0 always wins first
+    best = tl.full([BLOCK_H, BLOCK_W], float("-inf"), DT)
     arg = tl.full([BLOCK_H, BLOCK_W], -1, tl.int32)
+    # A lower bound of the tile's smallest running maximum (best only grows, so a stale value is
+    # still one): refreshed by a block-wide min after the first and every REFRESH-th evaluated edge.
     tile_min = tl.min(tl.min(best, 1), 0)
+    evaluated = 0
     for e in range(0, E):
-        ax, ay, bx, by, abx, aby, len2, point, vi, vj, w = _load_edge(
+        ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, finite = _load_edge(
             kp_ptr, edges_ptr, unc_ptr, w_ptr, b, e, K, w_bstride, eps, HAS_U, HAS_W, DT)
         tol = tol_scale * (2.0 + ax * ax + ay * ay + bx * bx + by * by)
         dmin2 = tl.maximum(_segment_box_dist2(ax, ay, bx, by, abx, aby, len2, point, x0, y0, x1, y1) - tol, 0.0)
@@ -156,31 +196,32 @@ def _edge_map_fwd_kernel(
         else:
             ub = tl.exp(-dmin2 / s2)
         ub = ub * w * 1.0001
-        culled = (w >= 0.0) & (ub <= tile_min)
+        culled = finite & (w >= 0.0) & (ub <= tile_min)
         if culled == 0:
             _, _, _, _, _, _, _, _, _, s = _evaluate(
                 px, py, ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, s2, HAS_U, PRECISION)
-            win = (s > best) | ((s != s) & (best == best))
+            win = (s > best) | (arg < 0) | ((s != s) & (best == best))  # as torch.max: edge 0 first, NaN sticks
             best = tl.where(win, s, best)
             arg = tl.where(win, e, arg)
-            tile_min = tl.min(tl.min(tl.where(valid, best, float("inf")), 1), 0)
+            if evaluated % REFRESH == 0:
+                tile_min = tl.min(tl.min(tl.where(valid, best, float("inf")), 1), 0)
+            evaluated += 1
 
-    offs = (b * H + rows[:, None]) * W + cols[None, :]
+    plane = _plane_offset(b, H, W)
+    offs = rows[:, None] * W + cols[None, :]
     out = tl.where(arg >= 0, best, 0.0)
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=valid)
-    tl.store(win_ptr + offs, arg, mask=valid)
+    tl.store(out_ptr + plane + offs, out.to(out_ptr.dtype.element_ty), mask=valid)
+    tl.store(win_ptr + plane + offs, arg, mask=valid)
 
 
-@triton.jit(do_not_specialize=["K", "E", "H", "W", "w_bstride"])
+@triton.jit(do_not_specialize=["K", "E", "H", "W", "n_tiles", "w_bstride", "s2_bits"])
 def _edge_map_bwd_kernel(
-    grad_ptr, win_ptr, kp_ptr, edges_ptr, unc_ptr, w_ptr, s2_ptr, part_ptr,
-    K, E, H, W, w_bstride, eps,
-    HAS_U: tl.constexpr, HAS_W: tl.constexpr, PRECISION: tl.constexpr,
+    grad_ptr, win_ptr, kp_ptr, edges_ptr, unc_ptr, w_ptr, s2_ptr, part_ptr, bad_ptr,
+    K, E, H, W, n_tiles, w_bstride, s2_bits: tl.int64, eps,
+    HAS_U: tl.constexpr, HAS_W: tl.constexpr, PRECISION: tl.constexpr, HAS_S2_PTR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, DT: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    b = tl.program_id(1)
-    n_tiles = tl.num_programs(0)
+    b, tile = _sample_and_tile(tl.program_id(0), n_tiles)
     tiles_w = tl.cdiv(W, BLOCK_W)
     rows = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -189,56 +230,67 @@ def _edge_map_bwd_kernel(
     step_x = tl.where(W > 1, 2.0 / tl.maximum(W - 1, 1).to(DT), 0.0).to(DT)
     py = (rows.to(DT) * step_y - 1.0)[:, None]
     px = (cols.to(DT) * step_x - 1.0)[None, :]
-    s2 = tl.load(s2_ptr).to(DT)
-    offs = (b * H + rows[:, None]) * W + cols[None, :]
-    go = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(DT)
-    winner = tl.load(win_ptr + offs, mask=valid, other=-1)
-    part = part_ptr + ((b * n_tiles + tile) * E) * 8
+    s2 = _sigma2(s2_ptr, s2_bits, HAS_S2_PTR, DT)
+    plane = _plane_offset(b, H, W)
+    offs = rows[:, None] * W + cols[None, :]
+    go = tl.load(grad_ptr + plane + offs, mask=valid, other=0.0).to(DT)
+    winner = tl.load(win_ptr + plane + offs, mask=valid, other=-1)
+    part = part_ptr + _partial_offset(b, tile, n_tiles, E)
 
-    for e in range(0, E):
+    # Visit, in increasing order, the edges that win a pixel of the tile (one block-wide min finds
+    # the next) and the edges with a non-finite input (next_bad[b, e]: the first one >= e, E if none),
+    # which also pass 0 * (their derivatives) from every pixel they do not win, as autograd through
+    # the reference does: NaN reaches exactly their inputs.
+    bad = bad_ptr + b * (E + 1)
+    e = tl.minimum(tl.min(tl.min(tl.where(winner >= 0, winner, E), 1), 0), tl.load(bad))
+    while e < E:
         mine = winner == e
-        if tl.max(tl.max(mine.to(tl.int32), 1), 0) > 0:
-            ax, ay, bx, by, abx, aby, len2, point, vi, vj, w = _load_edge(
-                kp_ptr, edges_ptr, unc_ptr, w_ptr, b, e, K, w_bstride, eps, HAS_U, HAS_W, DT)
-            apx, apy, t_raw, t, qx, qy, d2, u, ex, s = _evaluate(
-                px, py, ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, s2, HAS_U, PRECISION)
-            if PRECISION:  # S = w exp(-u d2 / s2)
-                dw = ex
-                dd2 = -s * u / s2
-                du = -s * d2 / s2
-                ds2 = s * u * d2 / (s2 * s2)
-            else:  # S = w u exp(-d2 / s2)
-                dw = u * ex
-                dd2 = -s / s2
-                du = ex * w
-                ds2 = s * d2 / (s2 * s2)
-            # d2 is minimal in t, so its gradient ignores t: dd2/da = -2 q (1 - t), dd2/db = -2 q t.
-            gax = dd2 * -2.0 * qx * (1.0 - t)
-            gay = dd2 * -2.0 * qy * (1.0 - t)
-            gbx = dd2 * -2.0 * qx * t
-            gby = dd2 * -2.0 * qy * t
-            if HAS_U:
-                dz = du * u * (1.0 - u)
-                gvi = dz * (1.0 - t)
-                gvj = dz * t
-                through_t = (t_raw >= 0.0) & (t_raw <= 1.0) & (point == 0)
-                c = tl.where(through_t, dz * (vj - vi) / tl.where(point, 1.0, len2), 0.0)
-                gax += c * (2.0 * t * abx - abx - apx)
-                gay += c * (2.0 * t * aby - aby - apy)
-                gbx += c * (apx - 2.0 * t * abx)
-                gby += c * (apy - 2.0 * t * aby)
-            else:
-                gvi = d2 * 0.0
-                gvj = d2 * 0.0
-            g = tl.where(mine, go, 0.0)
-            tl.store(part + e * 8 + 0, tl.sum(tl.sum(tl.where(mine, g * gax, 0.0), 1), 0))
-            tl.store(part + e * 8 + 1, tl.sum(tl.sum(tl.where(mine, g * gay, 0.0), 1), 0))
-            tl.store(part + e * 8 + 2, tl.sum(tl.sum(tl.where(mine, g * gbx, 0.0), 1), 0))
-            tl.store(part + e * 8 + 3, tl.sum(tl.sum(tl.where(mine, g * gby, 0.0), 1), 0))
-            tl.store(part + e * 8 + 4, tl.sum(tl.sum(tl.where(mine, g * gvi, 0.0), 1), 0))
-            tl.store(part + e * 8 + 5, tl.sum(tl.sum(tl.where(mine, g * gvj, 0.0), 1), 0))
-            tl.store(part + e * 8 + 6, tl.sum(tl.sum(tl.where(mine, g * dw, 0.0), 1), 0))
-            tl.store(part + e * 8 + 7, tl.sum(tl.sum(tl.where(mine, g * ds2, 0.0), 1), 0))
+        ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, finite = _load_edge(
+            kp_ptr, edges_ptr, unc_ptr, w_ptr, b, e, K, w_bstride, eps, HAS_U, HAS_W, DT)
+        sel = mine | (valid & (finite == 0))
+        apx, apy, t_raw, t, qx, qy, d2, u, ex, s = _evaluate(
+            px, py, ax, ay, bx, by, abx, aby, len2, point, vi, vj, w, s2, HAS_U, PRECISION)
+        if PRECISION:  # S = w exp(-u d2 / s2)
+            dw = ex
+            dd2 = -s * u / s2
+            du = -s * d2 / s2
+            ds2 = s * u * d2 / (s2 * s2)
+        else:  # S = w u exp(-d2 / s2)
+            dw = u * ex
+            dd2 = -s / s2
+            du = ex * w
+            ds2 = s * d2 / (s2 * s2)
+        # d2 is minimal in t, so its gradient ignores t: dd2/da = -2 q (1 - t), dd2/db = -2 q t.
+        # Beyond an end (t clamped to 0 or 1) the other end gets nothing, not 0 * dd2 (NaN stays put).
+        past_b = t_raw >= 1.0
+        past_a = t_raw <= 0.0
+        gax = tl.where(past_b, 0.0, dd2 * -2.0 * qx * (1.0 - t))
+        gay = tl.where(past_b, 0.0, dd2 * -2.0 * qy * (1.0 - t))
+        gbx = tl.where(past_a, 0.0, dd2 * -2.0 * qx * t)
+        gby = tl.where(past_a, 0.0, dd2 * -2.0 * qy * t)
+        if HAS_U:
+            dz = du * u * (1.0 - u)
+            gvi = dz * (1.0 - t)
+            gvj = dz * t
+            through_t = (t_raw >= 0.0) & (t_raw <= 1.0) & (point == 0)
+            c = tl.where(through_t, dz * (vj - vi) / tl.where(point, 1.0, len2), 0.0)
+            gax += c * (2.0 * t * abx - abx - apx)
+            gay += c * (2.0 * t * aby - aby - apy)
+            gbx += c * (apx - 2.0 * t * abx)
+            gby += c * (apy - 2.0 * t * aby)
+        else:
+            gvi = d2 * 0.0
+            gvj = d2 * 0.0
+        g = tl.where(mine, go, 0.0)
+        tl.store(part + e * 8 + 0, tl.sum(tl.sum(tl.where(sel, g * gax, 0.0), 1), 0))
+        tl.store(part + e * 8 + 1, tl.sum(tl.sum(tl.where(sel, g * gay, 0.0), 1), 0))
+        tl.store(part + e * 8 + 2, tl.sum(tl.sum(tl.where(sel, g * gbx, 0.0), 1), 0))
+        tl.store(part + e * 8 + 3, tl.sum(tl.sum(tl.where(sel, g * gby, 0.0), 1), 0))
+        tl.store(part + e * 8 + 4, tl.sum(tl.sum(tl.where(sel, g * gvi, 0.0), 1), 0))
+        tl.store(part + e * 8 + 5, tl.sum(tl.sum(tl.where(sel, g * gvj, 0.0), 1), 0))
+        tl.store(part + e * 8 + 6, tl.sum(tl.sum(tl.where(sel, g * dw, 0.0), 1), 0))
+        tl.store(part + e * 8 + 7, tl.sum(tl.sum(tl.where(sel, g * ds2, 0.0), 1), 0))
+        e = tl.minimum(tl.min(tl.min(tl.where(winner > e, winner, E), 1), 0), tl.load(bad + e + 1))
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -249,11 +301,12 @@ def _tiles(H: int, W: int, block) -> int:
     return triton.cdiv(H, block[0]) * triton.cdiv(W, block[1])
 
 
-def edge_map_forward(kp, edges, unc, w, s2, H, W, precision, eps):
+def edge_map_forward(kp, edges, unc, w, s2, s2_value, H, W, precision, eps):
     """Launch the forward kernel.
 
     Args: ``kp [B,K,2]``, ``edges [E,2]`` int32, ``unc [B,K]`` or None, ``w [E]``/``[B,E]``
-    or None (all contiguous, any float dtype), ``s2`` a one-element tensor.
+    or None (all contiguous, any float dtype), ``s2`` a one-element tensor, or None for the
+    Python float ``s2_value`` (passed to the kernel as a value: nothing is copied to the device).
     Returns ``(out [B,H,W] in kp.dtype, winner [B,H,W] int32)``.
     """
     B, K, _ = kp.shape
@@ -262,29 +315,46 @@ def edge_map_forward(kp, edges, unc, w, s2, H, W, precision, eps):
     winner = torch.empty(B, H, W, dtype=torch.int32, device=kp.device)
     dt = _tl_dtype(kp.dtype)
     tol_scale = 1e-12 if kp.dtype == torch.float64 else 1e-5
-    grid = (_tiles(H, W, FWD_BLOCK), B)
-    _edge_map_fwd_kernel[grid](
-        kp, edges, unc if unc is not None else kp, w if w is not None else kp, s2, out, winner,
-        K, E, H, W, (E if w is not None and w.dim() == 2 else 0), eps, tol_scale,
-        HAS_U=unc is not None, HAS_W=w is not None, PRECISION=precision,
-        BLOCK_H=FWD_BLOCK[0], BLOCK_W=FWD_BLOCK[1], DT=dt,
+    n_tiles = _tiles(H, W, FWD_BLOCK)
+    _edge_map_fwd_kernel[(B * n_tiles,)](
+        kp, edges, unc if unc is not None else kp, w if w is not None else kp, s2 if s2 is not None else kp, out, winner,
+        K, E, H, W, n_tiles, (E if w is not None and w.dim() == 2 else 0), f64_bits(s2_value), eps, tol_scale,
+        HAS_U=unc is not None, HAS_W=w is not None, PRECISION=precision, HAS_S2_PTR=s2 is not None,
+        BLOCK_H=FWD_BLOCK[0], BLOCK_W=FWD_BLOCK[1], DT=dt, REFRESH=FWD_REFRESH,
     )
     return out, winner
 
 
-def edge_map_backward(grad_out, winner, kp, edges, unc, w, s2, precision, eps):
+def _next_nonfinite(kp, edges, unc, w):
+    """``[B, E + 1]`` int32: for each sample and edge ``e`` the first edge ``>= e`` with a NaN or inf
+    among its inputs (its keypoints, their logits, its weight), ``E`` if none."""
+    B, E = kp.shape[0], edges.shape[0]
+    ends = edges.long()
+    finite = torch.isfinite(kp[:, ends]).flatten(2).all(-1)
+    if unc is not None:
+        finite &= torch.isfinite(unc[:, ends]).all(-1)
+    if w is not None:
+        finite &= torch.isfinite(w).expand(B, E)
+    index = torch.where(finite, E, torch.arange(E, device=kp.device))
+    next_bad = index.flip(1).cummin(1).values.flip(1)
+    return torch.cat([next_bad, next_bad.new_full((B, 1), E)], 1).to(torch.int32)
+
+
+def edge_map_backward(grad_out, winner, kp, edges, unc, w, s2, s2_value, precision, eps):
     """Launch the backward kernel; returns per-edge gradients ``[B, E, 8]`` in the compute dtype."""
     B, K, _ = kp.shape
     E = edges.shape[0]
     H, W = grad_out.shape[1:]
     acc = torch.float64 if kp.dtype == torch.float64 else torch.float32
-    n_tiles = _tiles(H, W, BWD_BLOCK)
+    block = BWD_BLOCK_F64 if kp.dtype == torch.float64 else BWD_BLOCK
+    n_tiles = _tiles(H, W, block)
     partial = torch.zeros(B, n_tiles, E, NGRAD, dtype=acc, device=kp.device)
-    _edge_map_bwd_kernel[(n_tiles, B)](
-        grad_out, winner, kp, edges, unc if unc is not None else kp, w if w is not None else kp, s2, partial,
-        K, E, H, W, (E if w is not None and w.dim() == 2 else 0), eps,
-        HAS_U=unc is not None, HAS_W=w is not None, PRECISION=precision,
-        BLOCK_H=BWD_BLOCK[0], BLOCK_W=BWD_BLOCK[1], DT=_tl_dtype(kp.dtype),
+    _edge_map_bwd_kernel[(B * n_tiles,)](
+        grad_out, winner, kp, edges, unc if unc is not None else kp, w if w is not None else kp,
+        s2 if s2 is not None else kp, partial, _next_nonfinite(kp, edges, unc, w),
+        K, E, H, W, n_tiles, (E if w is not None and w.dim() == 2 else 0), f64_bits(s2_value), eps,
+        HAS_U=unc is not None, HAS_W=w is not None, PRECISION=precision, HAS_S2_PTR=s2 is not None,
+        BLOCK_H=block[0], BLOCK_W=block[1], DT=_tl_dtype(kp.dtype),
     )
     return partial.sum(1)
 
@@ -293,26 +363,26 @@ def _compile_cases():
     """Every flag combination in float32; float64 and bfloat16 (other load/compute types) with all inputs."""
     combos = [(tl.float32, "*fp32", u, w, p) for u in (False, True) for w in (False, True) for p in (False, True)]
     combos += [(dt, ptr, True, True, p) for dt, ptr in ((tl.float64, "*fp64"), (tl.float32, "*bf16")) for p in (False, True)]
-    flags = {k: "constexpr" for k in ("HAS_U", "HAS_W", "PRECISION", "BLOCK_H", "BLOCK_W", "DT")}
+    flags = {k: "constexpr" for k in ("HAS_U", "HAS_W", "PRECISION", "HAS_S2_PTR", "BLOCK_H", "BLOCK_W", "DT")}
     cases = []
     for dt, ptr, has_u, has_w, precision in combos:
-        common = dict(HAS_U=has_u, HAS_W=has_w, PRECISION=precision, DT=dt)
+        common = dict(HAS_U=has_u, HAS_W=has_w, PRECISION=precision, HAS_S2_PTR=precision, DT=dt)
         acc = "*fp64" if dt == tl.float64 else "*fp32"
-        label = f"{ptr[1:]} u={int(has_u)} w={int(has_w)} precision={int(precision)}"
+        label = f"{ptr[1:]} u={int(has_u)} w={int(has_w)} precision={int(precision)} s2={'tensor' if precision else 'float'}"
         fwd_sig = {
             "kp_ptr": ptr, "edges_ptr": "*i32", "unc_ptr": ptr, "w_ptr": ptr, "s2_ptr": acc,
             "out_ptr": ptr, "win_ptr": "*i32", "K": "i32", "E": "i32", "H": "i32", "W": "i32",
-            "w_bstride": "i32", "eps": "fp32", "tol_scale": "fp32", **flags,
+            "n_tiles": "i32", "w_bstride": "i32", "s2_bits": "i64", "eps": "fp32", "tol_scale": "fp32", **flags,
         }
-        cases.append((f"edge_map fwd {label}", _edge_map_fwd_kernel, fwd_sig,
-                      dict(common, BLOCK_H=FWD_BLOCK[0], BLOCK_W=FWD_BLOCK[1])))
+        cases.append((f"edge_map fwd {label}", _edge_map_fwd_kernel, {**fwd_sig, "REFRESH": "constexpr"},
+                      dict(common, BLOCK_H=FWD_BLOCK[0], BLOCK_W=FWD_BLOCK[1], REFRESH=FWD_REFRESH)))
         bwd_sig = {
             "grad_ptr": ptr, "win_ptr": "*i32", "kp_ptr": ptr, "edges_ptr": "*i32", "unc_ptr": ptr,
-            "w_ptr": ptr, "s2_ptr": acc, "part_ptr": acc, "K": "i32", "E": "i32", "H": "i32",
-            "W": "i32", "w_bstride": "i32", "eps": "fp32", **flags,
+            "w_ptr": ptr, "s2_ptr": acc, "part_ptr": acc, "bad_ptr": "*i32", "K": "i32", "E": "i32", "H": "i32",
+            "W": "i32", "n_tiles": "i32", "w_bstride": "i32", "s2_bits": "i64", "eps": "fp32", **flags,
         }
-        cases.append((f"edge_map bwd {label}", _edge_map_bwd_kernel, bwd_sig,
-                      dict(common, BLOCK_H=BWD_BLOCK[0], BLOCK_W=BWD_BLOCK[1])))
+        block = BWD_BLOCK_F64 if dt == tl.float64 else BWD_BLOCK
+        cases.append((f"edge_map bwd {label}", _edge_map_bwd_kernel, bwd_sig, dict(common, BLOCK_H=block[0], BLOCK_W=block[1])))
     return cases
 
 

@@ -20,8 +20,9 @@ Readouts are addressed as ``base + b*r_sb + k*r_sk + offset_c + p`` with
 ``offset_c = c * r_sc`` (a stacked tensor, or a sequence of maps that are equally
 spaced in memory such as channel chunks of one network output) or read from an
 int64 table of element offsets relative to the first map (any other sequence of
-same-dtype maps, cached per layout): a sequence of readouts is never copied into a
-stacked tensor.
+same-dtype maps; a device constant copied once per layout, capturable in a CUDA
+graph): a sequence of readouts is never copied into a stacked tensor. Channel
+offsets are int64; a float beta is passed as a value (its float64 bits).
 Semantics: ``kpfast/reference.py::soft_argmax_reference``.
 """
 
@@ -32,6 +33,10 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from kpfast.ops import _backends
+
+from ._common import f64_bits, from_f64_bits
 
 MAX_CG = 8  # readout channels accumulated by one program
 FAST_DIV_MAX = 1 << 20  # planes up to this many pixels find their row without integer division
@@ -52,6 +57,13 @@ def _coords(offs, W, step_x, step_y, DT: tl.constexpr, FAST_DIV: tl.constexpr):
 
 
 @triton.jit
+def _channel_offset(c, stride):
+    """``c * stride`` in int64: a channel stride can be close to 2^31 (``B*K*H*W`` between the maps
+    of a ``[C, B, K, H, W]`` gradient, or between equally spaced readouts)."""
+    return tl.cast(c, tl.int64) * stride  # c may be a loop index (a Python int when interpreted)
+
+
+@triton.jit
 def _steps(H, W, DT: tl.constexpr):
     step_x = tl.where(W > 1, 2.0 / tl.maximum(W - 1, 1).to(DT), 0.0).to(DT)
     step_y = tl.where(H > 1, 2.0 / tl.maximum(H - 1, 1).to(DT), 0.0).to(DT)
@@ -59,18 +71,18 @@ def _steps(H, W, DT: tl.constexpr):
 
 
 @triton.jit
-def _beta(beta_ptr, beta_value, HAS_BETA_PTR: tl.constexpr, DT: tl.constexpr):
+def _beta(beta_ptr, beta_bits, HAS_BETA_PTR: tl.constexpr, DT: tl.constexpr):
     if HAS_BETA_PTR:
         beta = tl.load(beta_ptr).to(DT)
     else:
-        beta = beta_value  # float32 argument; float64 kernels always read beta from memory
+        beta = from_f64_bits(beta_bits, DT)
     return beta
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["beta_bits"])
 def _soft_argmax_fwd_kernel(
     h_ptr, r_ptr, roff_ptr, beta_ptr, kp_ptr, val_ptr, stats_ptr, part_ptr,
-    beta_value, K, H, W, h_sb, h_sk, r_sb, r_sk, r_sc, C, tiles_per_split, nsplit,
+    beta_bits: tl.int64, K, H, W, h_sb, h_sk, r_sb, r_sk, r_sc, C, tiles_per_split, nsplit,
     HAS_BETA_PTR: tl.constexpr, HAS_R: tl.constexpr, USE_TABLE: tl.constexpr, SPLIT: tl.constexpr,
     CG: tl.constexpr, BLOCK: tl.constexpr, DT: tl.constexpr, FAST_DIV: tl.constexpr,
 ):
@@ -80,7 +92,7 @@ def _soft_argmax_fwd_kernel(
     b = (row // K).to(tl.int64)
     k = (row % K).to(tl.int64)
     HW = H * W
-    beta = _beta(beta_ptr, beta_value, HAS_BETA_PTR, DT)
+    beta = _beta(beta_ptr, beta_bits, HAS_BETA_PTR, DT)
     step_x, step_y = _steps(H, W, DT)
     h_row = h_ptr + b * h_sb + k * h_sk
     lanes = tl.arange(0, BLOCK)
@@ -92,7 +104,7 @@ def _soft_argmax_fwd_kernel(
         if USE_TABLE:
             roff = tl.load(roff_ptr + c_idx, mask=c_ok, other=0)
         else:
-            roff = c_idx.to(tl.int64) * r_sc
+            roff = _channel_offset(c_idx, r_sc)
         r_rows = r_ptr + b * r_sb + k * r_sk + roff  # [CG] pointers
 
     m = tl.full([BLOCK], neg_inf, DT)
@@ -179,11 +191,11 @@ def _soft_argmax_combine_kernel(
         tl.store(val_ptr + row.to(tl.int64) * C + cc, SR / L, mask=cok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["beta_bits"])
 def _soft_argmax_bwd_kernel(
     gkp_ptr, gval_ptr, h_ptr, r_ptr, roff_ptr, beta_ptr, kp_ptr, val_ptr, stats_ptr,
     gh_ptr, gr_ptr, gb_ptr,
-    beta_value, K, H, W, h_sb, h_sk, r_sb, r_sk, r_sc, C, g_sc, g_sb, g_sk, tiles_per_split, nsplit,
+    beta_bits: tl.int64, K, H, W, h_sb, h_sk, r_sb, r_sk, r_sc, C, g_sc, g_sb, g_sk, tiles_per_split, nsplit,
     HAS_BETA_PTR: tl.constexpr, USE_TABLE: tl.constexpr,
     NEED_H: tl.constexpr, NEED_R: tl.constexpr, NEED_BETA: tl.constexpr,
     BLOCK: tl.constexpr, DT: tl.constexpr, FAST_DIV: tl.constexpr,
@@ -194,7 +206,7 @@ def _soft_argmax_bwd_kernel(
     b = row64 // K
     k = row64 % K
     HW = H * W
-    beta = _beta(beta_ptr, beta_value, HAS_BETA_PTR, DT)
+    beta = _beta(beta_ptr, beta_bits, HAS_BETA_PTR, DT)
     step_x, step_y = _steps(H, W, DT)
     neg_inf = float("-inf")
     h_row = h_ptr + b * h_sb + k * h_sk
@@ -228,14 +240,15 @@ def _soft_argmax_bwd_kernel(
                 if USE_TABLE:
                     roff = tl.load(roff_ptr + c)
                 else:
-                    roff = c * r_sc
+                    roff = _channel_offset(c, r_sc)
                 v = tl.load(val_ptr + row64 * C + c).to(DT)
                 rv = tl.load(r_row + roff + offs, mask=ok, other=0.0).to(DT)
                 delta += g * (rv - v)
             if NEED_R:
-                tl.store(gr_row + c * g_sc + offs, (g * w).to(gr_ptr.dtype.element_ty), mask=ok)
+                tl.store(gr_row + _channel_offset(c, g_sc) + offs, (g * w).to(gr_ptr.dtype.element_ty), mask=ok)
         if NEED_H:
-            tl.store(gh_ptr + row64 * HW + offs, (beta * w * delta).to(gh_ptr.dtype.element_ty), mask=ok)
+            gh = tl.where(hv == neg_inf, 0.0, beta * w * delta)  # a masked pixel gets none (not 0 * NaN)
+            tl.store(gh_ptr + row64 * HW + offs, gh.to(gh_ptr.dtype.element_ty), mask=ok)
         if NEED_BETA:
             gb += tl.where(hv == neg_inf, 0.0, w * (hv - c0) * delta)
     if NEED_BETA:
@@ -269,7 +282,11 @@ def _block(HW: int, cg: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(HW)))
 
 
-def _warps(block: int) -> int:
+def _warps(block: int, cg: int = 1, dtype: torch.dtype = torch.float32) -> int:
+    """Warps of a program: one per 256 lanes, at most 4; float64 with more than 2 readout channels
+    in registers takes 4 (2 spilled registers on sm_90 at cg = 8)."""
+    if dtype == torch.float64 and cg > 2:
+        return 4
     return max(1, min(4, block // 256))
 
 
@@ -279,16 +296,6 @@ def _splits(rows: int, n_tiles: int, programs: int, split) -> int:
     if rows >= programs // 2 or n_tiles < 4:
         return 1
     return max(1, min(n_tiles // 2, triton.cdiv(programs, rows)))
-
-
-@functools.lru_cache(maxsize=64)
-def _offset_table(device: torch.device, offsets: tuple) -> torch.Tensor:
-    """The int64 offsets of an irregular sequence of readouts, on the device.
-
-    Built once per layout (a host-to-device copy); the caching allocator usually hands
-    a training loop the same addresses every step, so later calls reuse the table.
-    """
-    return torch.tensor(offsets, dtype=torch.int64, device=device)
 
 
 class _Readouts:
@@ -316,7 +323,9 @@ class _Readouts:
             if all(o == c * step for c, o in enumerate(offs)):
                 self.sc = step  # equally spaced, e.g. chunks of one tensor: no table
             else:
-                self.table = _offset_table(heatmaps.device, tuple(offs))
+                # The int64 offsets, copied to the device once per layout (the caching allocator
+                # usually hands a training loop the same addresses every step) and capturable.
+                self.table = _backends.device_constant(tuple(offs), torch.int64, heatmaps.device)
 
     @property
     def use_table(self) -> bool:
@@ -324,13 +333,6 @@ class _Readouts:
 
     def table_or(self, dummy: torch.Tensor) -> torch.Tensor:
         return self.table if self.table is not None else dummy
-
-
-def _beta_args(beta, beta_value: float, dtype: torch.dtype, device):
-    """A float64 kernel gets beta through memory (a float argument is float32)."""
-    if beta is None and dtype == torch.float64:
-        beta = torch.tensor(beta_value, dtype=torch.float64, device=device)
-    return beta, (0.0 if beta is not None else float(beta_value))
 
 
 def soft_argmax_forward(heatmaps, readouts, stacked, beta, beta_value, *, split=None, group=None):
@@ -360,13 +362,13 @@ def soft_argmax_forward(heatmaps, readouts, stacked, beta, beta_value, *, split=
     nsplit = _splits(rows, n_tiles, _programs_wanted(device), split)
     per = triton.cdiv(n_tiles, nsplit)
     nsplit = triton.cdiv(n_tiles, per)
-    beta_t, beta_f = _beta_args(beta, beta_value, heatmaps.dtype, device)
     part = torch.empty(rows, nsplit, 4 + C, dtype=acc, device=device) if nsplit > 1 else stats
     _soft_argmax_fwd_kernel[(rows, groups, nsplit)](
-        heatmaps, R.base, R.table_or(stats), beta_t if beta_t is not None else stats, kp, values, stats, part,
-        beta_f, K, H, W, heatmaps.stride(0), heatmaps.stride(1), R.sb, R.sk, R.sc, C, per, nsplit,
-        HAS_BETA_PTR=beta_t is not None, HAS_R=C > 0, USE_TABLE=R.use_table, SPLIT=nsplit > 1,
-        CG=cg, BLOCK=block, DT=_tl_dtype(heatmaps.dtype), FAST_DIV=HW <= FAST_DIV_MAX, num_warps=_warps(block),
+        heatmaps, R.base, R.table_or(stats), beta if beta is not None else stats, kp, values, stats, part,
+        f64_bits(beta_value), K, H, W, heatmaps.stride(0), heatmaps.stride(1), R.sb, R.sk, R.sc, C, per, nsplit,
+        HAS_BETA_PTR=beta is not None, HAS_R=C > 0, USE_TABLE=R.use_table, SPLIT=nsplit > 1,
+        CG=cg, BLOCK=block, DT=_tl_dtype(heatmaps.dtype), FAST_DIV=HW <= FAST_DIV_MAX,
+        num_warps=_warps(block, cg, heatmaps.dtype),
     )
     if nsplit > 1:
         _soft_argmax_combine_kernel[(rows,)](
@@ -403,12 +405,11 @@ def soft_argmax_backward(grad_kp, grad_values, heatmaps, readouts, stacked, beta
     nsplit = triton.cdiv(n_tiles, per)
     gb = torch.empty(rows, nsplit, dtype=acc, device=device) if need_beta else heatmaps.new_empty(0, dtype=acc)
     if rows and (need_heatmaps or need_readouts or need_beta):
-        beta_t, beta_f = _beta_args(beta, beta_value, dtype, device)
         _soft_argmax_bwd_kernel[(rows, nsplit)](
-            grad_kp, grad_values, heatmaps, R.base, R.table_or(stats), beta_t if beta_t is not None else stats,
+            grad_kp, grad_values, heatmaps, R.base, R.table_or(stats), beta if beta is not None else stats,
             kp, values, stats, gh if need_heatmaps else stats, gr if need_readouts else stats, gb if need_beta else stats,
-            beta_f, K, H, W, heatmaps.stride(0), heatmaps.stride(1), R.sb, R.sk, R.sc, C, g_sc, g_sb, g_sk, per, nsplit,
-            HAS_BETA_PTR=beta_t is not None, USE_TABLE=R.use_table,
+            f64_bits(beta_value), K, H, W, heatmaps.stride(0), heatmaps.stride(1), R.sb, R.sk, R.sc, C, g_sc, g_sb, g_sk,
+            per, nsplit, HAS_BETA_PTR=beta is not None, USE_TABLE=R.use_table,
             NEED_H=need_heatmaps, NEED_R=need_readouts, NEED_BETA=need_beta,
             BLOCK=block, DT=_tl_dtype(dtype), FAST_DIV=HW <= FAST_DIV_MAX, num_warps=_warps(block),
         )
@@ -431,7 +432,7 @@ def _compile_cases():
         ints = ("K", "H", "W", "h_sb", "h_sk", "r_sb", "r_sk", "r_sc", "C", "tiles_per_split", "nsplit")
         fwd_sig = {
             "h_ptr": ptr, "r_ptr": ptr, "roff_ptr": "*i64", "beta_ptr": acc, "kp_ptr": acc, "val_ptr": acc,
-            "stats_ptr": acc, "part_ptr": acc, "beta_value": "fp32", **{n: "i32" for n in ints},
+            "stats_ptr": acc, "part_ptr": acc, "beta_bits": "i64", **{n: "i32" for n in ints},
             **{n: _CONSTEXPR for n in ("HAS_BETA_PTR", "HAS_R", "USE_TABLE", "SPLIT", "CG", "BLOCK", "DT", "FAST_DIV")},
         }
         fwd_variants = [
@@ -443,16 +444,18 @@ def _compile_cases():
         for v in fwd_variants:
             block = _block(1 << 16, v["CG"])
             label = f"{ptr[1:]} " + " ".join(f"{k.lower()}={int(x)}" for k, x in v.items())
-            cases.append((f"soft_argmax fwd {label}", _soft_argmax_fwd_kernel, fwd_sig, dict(v, BLOCK=block, DT=dt)))
+            cases.append((f"soft_argmax fwd {label}", _soft_argmax_fwd_kernel, fwd_sig, dict(v, BLOCK=block, DT=dt),
+                          {"num_warps": _warps(block, v["CG"], torch.float64 if dt == tl.float64 else torch.float32)}))
         if ptr in ("*fp32", "*fp64"):
             comb_sig = {"part_ptr": acc, "kp_ptr": acc, "val_ptr": acc, "stats_ptr": acc, "nsplit": "i32", "C": "i32",
                         "NS": _CONSTEXPR, "CB": _CONSTEXPR, "DT": _CONSTEXPR}
-            cases.append((f"soft_argmax combine {acc[1:]}", _soft_argmax_combine_kernel, comb_sig, dict(NS=64, CB=8, DT=dt)))
+            cases.append((f"soft_argmax combine {acc[1:]}", _soft_argmax_combine_kernel, comb_sig, dict(NS=64, CB=8, DT=dt),
+                          {"num_warps": 1}))
         bwd_ints = ints[:-2] + ("g_sc", "g_sb", "g_sk", "tiles_per_split", "nsplit")
         bwd_sig = {
             "gkp_ptr": acc, "gval_ptr": acc, "h_ptr": ptr, "r_ptr": ptr, "roff_ptr": "*i64", "beta_ptr": acc,
             "kp_ptr": acc, "val_ptr": acc, "stats_ptr": acc, "gh_ptr": ptr, "gr_ptr": ptr, "gb_ptr": acc,
-            "beta_value": "fp32", **{n: "i32" for n in bwd_ints},
+            "beta_bits": "i64", **{n: "i32" for n in bwd_ints},
             **{n: _CONSTEXPR for n in ("HAS_BETA_PTR", "USE_TABLE", "NEED_H", "NEED_R", "NEED_BETA", "BLOCK", "DT", "FAST_DIV")},
         }
         bwd_variants = [
@@ -463,7 +466,9 @@ def _compile_cases():
         ]
         for v in bwd_variants:
             label = f"{ptr[1:]} " + " ".join(f"{k.lower()}={int(x)}" for k, x in v.items())
-            cases.append((f"soft_argmax bwd {label}", _soft_argmax_bwd_kernel, bwd_sig, dict(v, BLOCK=_block(1 << 16, 1), DT=dt)))
+            block = _block(1 << 16, 1)
+            cases.append((f"soft_argmax bwd {label}", _soft_argmax_bwd_kernel, bwd_sig, dict(v, BLOCK=block, DT=dt),
+                          {"num_warps": _warps(block)}))
     return cases
 
 

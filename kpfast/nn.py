@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops import edge_map
+from .ops.edge_map import edge_tensor
 
 
 def all_pairs(num_keypoints: int) -> list[tuple[int, int]]:
@@ -31,7 +32,8 @@ class EdgeMap(nn.Module):
     ``edge_weight_noise`` x N(0, 1) to break symmetry) instead of one shared alpha.
 
     Args:
-        edges: ``[E, 2]`` tensor or sequence of ``(i, j)`` pairs (e.g. :func:`all_pairs`).
+        edges: ``[E, 2]`` integer tensor or sequence of ``(i, j)`` pairs (e.g. :func:`all_pairs`),
+            checked as by :func:`kpfast.edge_map`.
         size: output ``H`` or ``(H, W)``.
         learn_edge_weights: one weight per edge instead of one for all.
         theta, gamma: initial values of the two parameters.
@@ -59,7 +61,7 @@ class EdgeMap(nn.Module):
         mode: str = "intensity",
     ):
         super().__init__()
-        e = torch.as_tensor(edges if isinstance(edges, Tensor) else list(edges), dtype=torch.int64).reshape(-1, 2)
+        e = edge_tensor(edges, edges.device if isinstance(edges, Tensor) else None)
         self.register_buffer("edges", e, persistent=False)
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.mode = mode

@@ -3,7 +3,7 @@
 Readable, float64-safe and differentiable by ordinary autograd; every kernel is
 checked against these functions. They materialize everything (``edge_map``
 keeps several ``B*E*H*W`` tensors for backward), which is why the fused kernels
-exist. Conventions (``../shared/DESIGN.md``): keypoints are ``(x, y)`` in
+exist. Conventions (README, "A tour of the API"): keypoints are ``(x, y)`` in
 ``[-1, 1]`` with pixel centres at the ends, so column ``j`` of a ``W``-wide
 image sits at ``x = -1 + 2 j / (W - 1)``.
 """
@@ -70,6 +70,9 @@ def edge_map_reference(
         sigma2: positive float or 0-dim tensor.
         mode: ``"intensity"`` or ``"precision"``.
 
+    Everything is computed in the dtype of ``keypoints`` (float32 for float16/bfloat16):
+    ``uncertainty``, ``edge_weight`` and ``sigma2`` may have any float dtype.
+
     Returns:
         ``[B, H, W]`` in the dtype of ``keypoints``.
 
@@ -84,8 +87,10 @@ def edge_map_reference(
     dtype, device = kp.dtype, kp.device
     B = kp.shape[0]
     e = _as_edges(edges, device)
-    if e.shape[0] == 0:
-        return torch.zeros(B, H, W, dtype=out_dtype, device=device)
+    if e.shape[0] == 0:  # zeros that still depend on every input, with exact zero gradients
+        inputs = (keypoints, uncertainty, edge_weight, sigma2)
+        zero = sum(t.reshape(-1)[:0].sum() for t in inputs if isinstance(t, torch.Tensor))
+        return (torch.zeros(B, H, W, dtype=dtype, device=device) + zero).to(out_dtype)
     s2 = sigma2.to(dtype) if isinstance(sigma2, torch.Tensor) else torch.tensor(float(sigma2), dtype=dtype, device=device)
 
     ys, xs = pixel_centers(H, dtype, device), pixel_centers(W, dtype, device)
@@ -106,7 +111,7 @@ def edge_map_reference(
     d2 = (q * q).sum(-1)  # [B, E, HW]
 
     if uncertainty is not None:
-        v = _upcast(uncertainty)
+        v = uncertainty.to(dtype)
         z = (1 - t) * v[:, e[:, 0]].unsqueeze(-1) + t * v[:, e[:, 1]].unsqueeze(-1)
         u = torch.sigmoid(z)
     else:
@@ -120,7 +125,7 @@ def edge_map_reference(
     else:
         raise ValueError(f"mode must be one of {EDGE_MODES}, got {mode!r}")
     if edge_weight is not None:
-        w = _upcast(edge_weight)
+        w = edge_weight.to(dtype)
         s = s * (w.unsqueeze(-1) if w.dim() == 2 else w.view(1, -1, 1))
     return s.max(dim=1).values.reshape(B, H, W).to(out_dtype)
 

@@ -3,13 +3,18 @@ inputs, validation, torch.compile/opcheck and memory kept for backward."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 import kpfast
+from kpfast.backend import interpreting_triton
+from kpfast.nn import all_pairs
 from kpfast.reference import edge_map_reference
 
-from _util import assert_close, device_for, fresh_generator, kernel_backends, run, tolerances
+from _util import (FACTORIES, HOST_READS, assert_close, calls_from_kpfast, device_for, fresh_generator,
+                   interpreter_min_max_nan, kernel_backends, nan_rule_cases, run, tolerances)
 
 BACKENDS = kernel_backends()
 
@@ -94,9 +99,10 @@ def test_gradcheck_float64(backend, mode):
     assert ok, f"gradcheck failed (seed {seed})"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 @pytest.mark.parametrize("mode", ["intensity", "precision"])
 def test_degenerate_inputs_give_finite_values_and_gradients(backend, mode):
+    """Every backend, the reference included (at E = 0 it returned zeros without a grad_fn)."""
     device = device_for(backend)
     gen, seed = fresh_generator()
     kp = torch.rand(1, 3, 2, generator=gen, dtype=torch.float64).to(device) * 2 - 1
@@ -122,14 +128,39 @@ def test_degenerate_inputs_give_finite_values_and_gradients(backend, mode):
             assert (out == 0).all() and all((g == 0).all() for g in grads)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_keypoint_is_not_hidden(backend):
-    device = device_for(backend)
-    kp = torch.tensor([[[-0.5, 0.0], [0.5, 0.0], [float("nan"), 0.2]]], device=device)
-    out = run(backend, kpfast.edge_map, kp, [(0, 1), (1, 2)], 9, sigma2=0.05)
-    ref = edge_map_reference(kp.cpu(), [(0, 1), (1, 2)], 9, sigma2=0.05)
-    assert torch.isnan(out).any()
-    assert torch.equal(torch.isnan(out.cpu()), torch.isnan(ref))
+def _nan_problem(where: str, device):
+    """Two edges far apart (issue 16's layout): NaN in one input of the second edge."""
+    kp = torch.tensor([[[-0.6, -0.6], [0.6, -0.6], [0.0, 0.7], [0.5, 0.7], [0.9, 0.9]]], dtype=torch.float64)
+    unc = torch.zeros(1, 5, dtype=torch.float64)
+    w = torch.tensor([1.0, 0.8, 0.5], dtype=torch.float64)
+    {"keypoint": kp[0, 3], "uncertainty": unc[0, 3:4], "edge_weight": w[1:2]}[where][0] = float("nan")
+    leaves = [t.to(device).requires_grad_() for t in (kp, unc, w, torch.tensor(0.01, dtype=torch.float64))]
+    return leaves, torch.tensor([(0, 1), (2, 3), (0, 4)], device=device)
+
+
+@pytest.mark.parametrize("backend, nan_rule", nan_rule_cases())
+@pytest.mark.parametrize("where", ["keypoint", "uncertainty", "edge_weight"])
+@pytest.mark.parametrize("mode", ["intensity", "precision"])
+def test_nan_input_gives_the_references_nan_pixels_and_gradients(backend, nan_rule, where, mode):
+    """Documented: NaN wins the max (every pixel of the sample is NaN); NaN gradients reach the inputs
+    of the edges with a NaN input (here keypoints 2, 3, their logits, the weight of edge 1 and sigma2),
+    as autograd through the reference gives, on either NaN rule of min/max (tile culling must not
+    drop a NaN: issue 16 measured 2048 NaN pixels of 4096 at 64 x 64 with a NaN logit)."""
+    leaves, edges = _nan_problem(where, device_for(backend))
+    kp, unc, w, s2 = leaves
+    with interpreter_min_max_nan(nan_rule):
+        out = run(backend, kpfast.edge_map, kp, edges, 32, uncertainty=unc, edge_weight=w, sigma2=s2, mode=mode)
+        got = torch.autograd.grad(out.sum(), leaves)
+    ref_leaves = [t.detach().cpu().requires_grad_() for t in leaves]
+    ref = edge_map_reference(ref_leaves[0], edges.cpu(), 32, uncertainty=ref_leaves[1], edge_weight=ref_leaves[2],
+                             sigma2=ref_leaves[3], mode=mode)
+    want = torch.autograd.grad(ref.sum(), ref_leaves)
+    assert torch.isnan(out).all() and torch.isnan(ref).all()
+    for name, g, r in zip(("keypoints", "uncertainty", "edge_weight", "sigma2"), got, want):
+        g = g.cpu()
+        assert torch.equal(torch.isnan(g), torch.isnan(r)), f"d/d{name}: NaN at {torch.isnan(g)}, reference {torch.isnan(r)}"
+        torch.testing.assert_close(g.nan_to_num(), r.nan_to_num(), rtol=1e-9, atol=1e-12, msg=f"d/d{name}")
+    assert not torch.isnan(got[0][0, [0, 1, 4]]).any(), "NaN reached keypoints of finite edges"
 
 
 # The Triton interpreter computes bf16/fp16 arithmetic wrongly (DESIGN.md): half precision on Triton is a GPU test.
@@ -145,6 +176,72 @@ def test_half_inputs_return_half_outputs_close_to_float32(backend, dtype):
     assert_close(out.float().cpu(), ref.detach(), rtol=1e-2, atol=1e-2, what=str(dtype), seed=seed)
     grads = torch.autograd.grad(out.float().sum(), differentiable(half))
     assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_inputs_of_mixed_float_dtypes_are_computed_in_the_keypoints_dtype(backend):
+    """float32 keypoints with float64 logits, float16 weights and a float64 sigma2: every backend
+    computes in float32 (C++ rejected the mix), returns float32 and each gradient in its input's dtype."""
+    gen, seed = fresh_generator()
+    problem = make_problem(gen, dtype=torch.float32, device=device_for(backend))
+    mixed = dict(problem)
+    for name, dtype in (("uncertainty", torch.float64), ("edge_weight", torch.float16), ("sigma2", torch.float64)):
+        mixed[name] = problem[name].detach().to(dtype).requires_grad_()
+    out = run(backend, call, mixed, "intensity")
+    assert out.dtype == torch.float32
+    same = {k: (v.detach().to(torch.float32) if k in ("uncertainty", "edge_weight", "sigma2") else v) for k, v in mixed.items()}
+    want = run(backend, call, same, "intensity")
+    assert_close(out.detach().cpu(), want.detach().cpu(), rtol=0, atol=0, what="mixed vs float32", seed=seed)
+    grads = torch.autograd.grad(out.sum(), differentiable(mixed))
+    assert [g.dtype for g in grads] == [t.dtype for t in differentiable(mixed)]
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.skipif(not interpreting_triton(), reason="counts host reads on CPU tensors in the Triton interpreter")
+@pytest.mark.parametrize("edges_as", ["list", "tensor"])
+@pytest.mark.parametrize("sigma2_as", ["float", "tensor"])
+def test_host_syncs_and_copies_per_call(edges_as, sigma2_as):
+    """The Triton path on CPU tensors, counting what would sync or copy on CUDA (issue 16.3, 16.5):
+    one host read (the value checks of tensor edges or sigma2) or none for a list and a float (was
+    three: edges min, max, the sign of sigma2), and no tensor built from a Python value per call (a
+    float sigma2 was copied to the device on every call, which a CUDA graph cannot capture; a list
+    is copied once, see test_device_constants_are_copied_once_and_capturable)."""
+    gen, seed = fresh_generator()
+    problem = make_problem(gen, dtype=torch.float32)
+    if edges_as == "list":
+        problem["edges"] = [tuple(p) for p in problem["edges"].tolist()]
+    if sigma2_as == "float":
+        problem["sigma2"] = float(problem["sigma2"])
+    run("triton", call, problem, "intensity")  # anything done once is done
+    with calls_from_kpfast() as counts:
+        out = run("triton", call, problem, "intensity")
+        out.sum().backward()
+    reads = sum(counts[name] for name in HOST_READS)
+    assert reads == (0 if (edges_as, sigma2_as) == ("list", "float") else 1), f"host reads {dict(counts)}"
+    assert not any(counts[name] for name in FACTORIES), f"tensors built from Python values: {dict(counts)}"
+
+
+@pytest.mark.skipif(not interpreting_triton(), reason="counts calls inside the Triton interpreter")
+def test_triton_backward_visits_only_the_edges_that_win_in_a_tile(monkeypatch):
+    """Issue 16.7: the backward walked all E edges of every tile with a block-wide reduction each;
+    it now visits the edges that win a pixel of the tile (and edges with a non-finite input)."""
+    kernels = importlib.import_module("kpfast.kernels.edge_map")
+    gen, seed = fresh_generator()
+    B, K, H, W = 1, 9, 36, 40
+    kp = (torch.rand(B, K, 2, generator=gen) * 2 - 1).requires_grad_()
+    edges = torch.tensor(all_pairs(K))
+    out, winner = run("triton", torch.ops.kpfast.edge_map, kp, edges, H, W, None, None, None, 0.01, False, "triton", True)
+    loads = []
+    load = kernels._load_edge
+    monkeypatch.setattr(kernels, "_load_edge", lambda *args: loads.append(args[5]) or load.fn(*args))
+    torch.autograd.grad(out.sum(), kp)
+    bh, bw = kernels.BWD_BLOCK
+    want = sum(
+        len(torch.unique(winner[b, i:i + bh, j:j + bw])) for b in range(B) for i in range(0, H, bh) for j in range(0, W, bw)
+    )
+    assert len(loads) == want, f"visited {len(loads)} edge-tiles, {want} (tile, winner) pairs (seed {seed})"
+    n_tiles = B * -(-H // bh) * -(-W // bw)
+    assert want < n_tiles * len(edges) / 2  # the old loop visited n_tiles * E
 
 
 def test_edges_as_pairs_or_tensor_agree():
@@ -171,6 +268,10 @@ def test_size_int_means_square():
         (dict(edges=torch.tensor([[0.0, 1.0]])), TypeError, "edges"),
         (dict(edges=torch.tensor([0, 1, 2])), ValueError, "edges"),
         (dict(edges=[(0, 1, 2)]), ValueError, "edges"),
+        (dict(edges=[(0.7, 1.9)]), TypeError, "edges"),  # was truncated to (0, 1)
+        (dict(edges=[(True, 1)]), TypeError, "edges"),
+        (dict(edges=[0, 1, 2]), ValueError, "edges"),
+        (dict(edges="01"), TypeError, "edges"),
         (dict(uncertainty=torch.zeros(2, 4)), ValueError, "uncertainty"),
         (dict(uncertainty=torch.zeros(1, 3)), ValueError, "uncertainty"),
         (dict(edge_weight=torch.ones(3)), ValueError, "edge_weight"),
@@ -183,6 +284,7 @@ def test_size_int_means_square():
         (dict(mode="soft"), ValueError, "mode"),
         (dict(size=(0, 5)), ValueError, "size"),
         (dict(size=(4, 5, 6)), TypeError, "size"),
+        (dict(size=(46341, 46341)), ValueError, "size"),  # kernels index inside a plane with int32
         (dict(uncertainty=torch.zeros(1, 4, device="meta")), ValueError, "device"),
     ],
 )

@@ -95,3 +95,110 @@ def test_whole_pixel_shift_shifts_the_map(backend, p):
 
 def test_pixel_centres_follow_align_corners():
     assert torch.equal(pixel_centers(5, torch.float64), torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0], dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Degenerate and non-finite inputs: the documented semantics (kpfast.edge_map's docstring, README
+# "Non-finite and degenerate inputs"), on the C++ and Triton kernels and on the reference itself.
+
+SPECIALS = st.sampled_from([float("nan"), float("inf"), float("-inf")])
+SPECIAL_EXAMPLES = {"cpp": 50, "triton": 12, "reference": 30}
+
+
+@st.composite
+def special_problems(draw, nonfinite: bool):
+    """Small problems whose values come from a few levels (coincident keypoints, zero-length and
+    repeated edges, zero weights, E = 0, K = 1), with NaN and infinities mixed in when ``nonfinite``."""
+    B, K, E = draw(st.integers(1, 2)), draw(st.integers(1, 4)), draw(st.integers(0 if not nonfinite else 1, 4))
+    H, W = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    level = st.sampled_from([-1.0, 0.0, 0.5, 1.0, 2.5])
+
+    def values(n, finite):
+        out = []
+        for _ in range(n):
+            special = nonfinite and draw(st.integers(0, 5)) == 0
+            out.append(draw(SPECIALS) if special else draw(finite))
+        return out
+
+    kp = torch.tensor(values(B * K * 2, st.one_of(level, coord)), dtype=torch.float64).reshape(B, K, 2)
+    edges = torch.tensor(draw(st.lists(st.tuples(st.integers(0, K - 1), st.integers(0, K - 1)), min_size=E, max_size=E)),
+                         dtype=torch.int64).reshape(E, 2)
+    unc = torch.tensor(values(B * K, st.floats(-8, 8)), dtype=torch.float64).reshape(B, K) if draw(st.booleans()) else None
+    weight = draw(st.sampled_from([None, "E", "BE"]))
+    w_level = st.sampled_from([0.0, 1.0, 2.5])
+    w = None if weight is None else torch.tensor(values(E if weight == "E" else B * E, w_level), dtype=torch.float64).reshape(
+        (E,) if weight == "E" else (B, E))
+    return dict(kp=kp, edges=edges, size=(H, W), uncertainty=unc, edge_weight=w, sigma2=draw(st.floats(1e-3, 1.0)),
+                mode=draw(st.sampled_from(["intensity", "precision"])))
+
+
+def render_with_gradients(backend, p):
+    """(out, {name: gradient}) of sum(out) for every float input, sigma2 as a tensor; on CPU."""
+    dev = device_for(backend)
+    leaves = {k: p[k].to(dev).requires_grad_() for k in ("kp", "uncertainty", "edge_weight") if p[k] is not None}
+    leaves["sigma2"] = torch.tensor(p["sigma2"], dtype=torch.float64, device=dev, requires_grad=True)
+    out = run(backend, kpfast.edge_map, leaves["kp"], p["edges"].to(dev), p["size"], uncertainty=leaves.get("uncertainty"),
+              edge_weight=leaves.get("edge_weight"), sigma2=leaves["sigma2"], mode=p["mode"])
+    grads = torch.autograd.grad(out.sum(), list(leaves.values()))
+    return out.detach().cpu(), {k: g.cpu() for k, g in zip(leaves, grads)}
+
+
+def edge_inputs_bad(p, test) -> torch.Tensor:
+    """``[B, E]``: whether ``test`` (isnan, or not isfinite) holds for any input of edge e in sample b."""
+    kp, e = p["kp"], p["edges"]
+    bad = test(kp[:, e]).flatten(2).any(-1)
+    if p["uncertainty"] is not None:
+        bad |= test(p["uncertainty"][:, e]).any(-1)
+    if p["edge_weight"] is not None:
+        bad |= test(p["edge_weight"]).expand(bad.shape)
+    return bad
+
+
+@_property_test(special_problems(nonfinite=True), SPECIAL_EXAMPLES)
+def test_non_finite_inputs_follow_the_documented_rule(backend, p):
+    """NaN in an edge's inputs makes every pixel of its sample NaN; NaN gradients reach only the inputs
+    of edges with a non-finite input (and sigma2); and kernels give the reference's NaN (with +-inf:
+    non-finite) values and gradients exactly where it does, the same finite values elsewhere."""
+    out, grads = render_with_gradients(backend, p)
+    nan_edge = edge_inputs_bad(p, torch.isnan)
+    bad_edge = edge_inputs_bad(p, lambda t: ~torch.isfinite(t))
+    for b in range(out.shape[0]):
+        if nan_edge[b].any():
+            assert torch.isnan(out[b]).all(), f"sample {b}: a NaN edge, finite pixels"
+        if not bad_edge[b].any():
+            assert torch.isfinite(out[b]).all(), f"sample {b}: finite edges, non-finite pixels"
+    K = p["kp"].shape[1]
+    touched = torch.zeros(out.shape[0], K, dtype=torch.bool)
+    for end in (0, 1):
+        touched |= (bad_edge[:, :, None] & (p["edges"][None, :, end, None] == torch.arange(K))).any(1)
+    assert not (torch.isnan(grads["kp"]).any(-1) & ~touched).any(), "NaN gradient on a keypoint of finite edges only"
+    if "uncertainty" in grads:
+        assert not (torch.isnan(grads["uncertainty"]) & ~touched).any(), "NaN gradient on a logit of finite edges only"
+    if "edge_weight" in grads:
+        w_bad = bad_edge if grads["edge_weight"].dim() == 2 else bad_edge.any(0)
+        assert not (torch.isnan(grads["edge_weight"]) & ~w_bad).any(), "NaN gradient on the weight of a finite edge"
+    if not bad_edge.any():
+        assert torch.isfinite(grads["sigma2"]), "finite inputs, non-finite sigma2 gradient"
+    if backend == "reference":
+        return
+    ref, ref_grads = render_with_gradients("reference", p)
+    same = torch.isnan if not any(torch.isinf(t).any() for t in (p["kp"], p["uncertainty"], p["edge_weight"]) if t is not None) \
+        else (lambda t: ~torch.isfinite(t))
+    for name, a, r in [("output", out, ref)] + [(f"d/d{k}", grads[k], ref_grads[k]) for k in grads]:
+        assert torch.equal(same(a), same(r)), f"{name}: special values at {same(a)}, reference {same(r)}"
+        ok = torch.isfinite(r)
+        torch.testing.assert_close(a[ok], r[ok], rtol=1e-7, atol=1e-9, msg=name)
+
+
+@_property_test(special_problems(nonfinite=False), SPECIAL_EXAMPLES)
+def test_degenerate_inputs_give_finite_values_and_gradients(backend, p):
+    """Coincident keypoints, zero-length and repeated edges, zero weights, E = 0, K = 1, points far
+    outside: finite values and gradients, the reference's values (gradients may route a pixel whose
+    edges tie within rounding to either edge, so only their finiteness is compared)."""
+    out, grads = render_with_gradients(backend, p)
+    assert torch.isfinite(out).all()
+    for name, g in grads.items():
+        assert torch.isfinite(g).all(), f"d/d{name}"
+    if backend != "reference":
+        ref, _ = render_with_gradients("reference", p)
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)

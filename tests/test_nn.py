@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -45,3 +47,24 @@ def test_learned_edge_weights_are_per_edge():
 
 def test_all_pairs_counts():
     assert len(all_pairs(32)) == 496 and all_pairs(1) == []
+
+
+@pytest.mark.parametrize(
+    "edges, error",
+    [
+        (torch.tensor([[0, 1, 2], [1, 2, 3]]), ValueError),  # was reshaped into three pairs
+        ([0, 1, 2], ValueError),  # was an error inside reshape
+        ([0, 1, 2, 3], ValueError),  # was read as two pairs
+        ([(0.7, 1.9)], TypeError),  # was truncated to (0, 1)
+        (torch.tensor([[0.0, 1.0]]), TypeError),
+    ],
+)
+def test_edges_are_checked_as_by_edge_map(edges, error):
+    with pytest.raises(error, match="edges"):
+        EdgeMap(edges, 8)
+
+
+def test_edges_may_be_pairs_of_numpy_or_tensor_integers():
+    want = torch.tensor([[0, 1], [1, 2]])
+    for edges in (np.array([[0, 1], [1, 2]]), list(want), [(np.int32(0), np.int64(1)), (1, 2)]):
+        assert torch.equal(EdgeMap(edges, 8).edges, want)

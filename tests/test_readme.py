@@ -43,3 +43,16 @@ def test_main_command_is_the_run_behind_the_demo_results():
     full = json.loads((ROOT / "docs" / "results" / "demo" / "full" / "metrics.json").read_text())
     assert full["method_label"] == "full"
     assert main.endswith(command_line(full["config"])), (main, command_line(full["config"]))
+
+
+def test_gpu_check_command_names_real_marks_ops_and_providers():
+    """The documented GPU check: `pytest -m gpu` (a declared mark) and a bench run of existing ops and providers."""
+    check = re.search(r"<!-- gpu-check -->\n```bash\n(.*?)\n```", README).group(1)
+    tests, bench = check.split(" && ")
+    assert tests == "python -m pytest -m gpu" and '"gpu:' in (ROOT / "pyproject.toml").read_text()
+    args = dict(re.findall(r"--(\w+) (\S+)", bench))
+    assert bench.startswith("python bench/run.py ")
+    ops = args["ops"].split(",")
+    assert all((ROOT / "bench" / f"{op}.py").exists() for op in ops)
+    assert f"bench/results/<gpu>-{'+'.join(ops)}.json" in README  # where bench/run.py writes a subset of ops
+    assert set(args["providers"].split(",")) <= {"fused", "reference", "torch.compile(reference)"}

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import kpfast
+from kpfast.backend import interpreting_triton
 from kpfast.reference import soft_argmax_reference
 
-from _util import assert_close, device_for, fresh_generator, kernel_backends, run, tolerances
+from _util import (assert_close, calls_from_kpfast, device_for, fresh_generator, interpreter_min_max_nan, kernel_backends,
+                   nan_rule_cases, run, tolerances)
 
 op_module = importlib.import_module("kpfast.ops.soft_argmax")  # the attribute kpfast.ops.soft_argmax is the function
 BACKENDS = kernel_backends()
@@ -335,7 +337,7 @@ def test_masked_pixels_get_no_weight_for_any_beta(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_row_masked_everywhere_is_nan_and_others_are_not(backend):
-    """Documented: a row of -inf has no softmax; its keypoint, values and gradients are NaN (as torch.softmax)."""
+    """Documented: a row of -inf has no softmax; its keypoint and values are NaN (as torch.softmax)."""
     device = device_for(backend)
     gen, seed = fresh_generator()
     h = torch.randn(1, 3, 4, 5, generator=gen, dtype=torch.float64)
@@ -368,6 +370,76 @@ def test_nan_is_not_hidden(backend):
     assert torch.isfinite(kp[0, 1]).all() and torch.isfinite(values[0, 1, 0]) and torch.isnan(values[0, 1, 1])
     ref_kp, ref_v = soft_argmax_reference(h, r)
     assert torch.equal(torch.isnan(kp), torch.isnan(ref_kp)) and torch.equal(torch.isnan(values), torch.isnan(ref_v))
+
+
+@pytest.mark.parametrize("backend, nan_rule", nan_rule_cases())
+@pytest.mark.parametrize("use", ["keypoints", "values", "both"])
+def test_nan_gradients_match_the_reference(backend, nan_rule, use):
+    """Documented: gradients are those of autograd through the reference. Row 0 has a NaN logit,
+    row 1 is masked everywhere, row 2 a NaN readout and masked pixels, row 3 is finite: a masked
+    pixel's heatmap gradient is 0 (not 0 * NaN), and a NaN readout reaches no gradient when the
+    values are not used."""
+    device = device_for(backend)
+    gen, seed = fresh_generator()
+    h = torch.randn(1, 4, 4, 5, generator=gen, dtype=torch.float64)
+    r = torch.randn(1, 4, 2, 4, 5, generator=gen, dtype=torch.float64)
+    h[0, 0, 2, 2] = float("nan")
+    h[0, 1] = float("-inf")
+    h[0, 2, 0, :3] = float("-inf")
+    r[0, 2, 1, 0, 1] = float("nan")  # under a masked pixel
+    r[0, 2, 0, 3, 4] = float("nan")
+    leaves = [t.to(device).requires_grad_() for t in (h, r, torch.tensor(1.3, dtype=torch.float64))]
+    with interpreter_min_max_nan(nan_rule):
+        out = run(backend, kpfast.soft_argmax, *leaves[:2], beta=leaves[2])
+        used = {"keypoints": out[0].sum(), "values": out[1].sum(), "both": out[0].sum() + out[1].sum()}[use]
+        got = torch.autograd.grad(used, leaves, allow_unused=True)
+    ref_leaves = [t.detach().cpu().requires_grad_() for t in leaves]
+    ref = soft_argmax_reference(*ref_leaves[:2], beta=ref_leaves[2])
+    want = torch.autograd.grad({"keypoints": ref[0].sum(), "values": ref[1].sum(), "both": ref[0].sum() + ref[1].sum()}[use],
+                               ref_leaves, allow_unused=True)
+    for name, g, w, leaf in zip(("heatmaps", "readouts", "beta"), got, want, ref_leaves):
+        g = torch.zeros_like(leaf) if g is None else g.cpu()
+        w = torch.zeros_like(leaf) if w is None else w
+        assert torch.equal(torch.isnan(g), torch.isnan(w)), f"d/d{name} (seed {seed}): NaN at {torch.isnan(g)}, reference {torch.isnan(w)}"
+        assert_close(g.nan_to_num(), w.nan_to_num(), rtol=1e-9, atol=1e-12, what=f"d/d{name}", seed=seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [1e2, 1e4, 1e10])
+def test_float32_heatmap_gradient_keeps_its_precision_at_large_beta(backend, beta):
+    """Issue 11: the C++ backward formed gx x - gx kx, whose rounding error (~eps |gx|) beta multiplied:
+    error 7e-5 at beta 1e4 and 72 at 1e10 where the true gradient is about 0. Now no worse than the
+    float32 reference."""
+    gen, seed = fresh_generator()
+    h = torch.randn(2, 4, 16, 16, generator=gen)
+    r = torch.randn(2, 4, 2, 16, 16, generator=gen)
+    gk, gv = torch.randn(2, 4, 2, generator=gen, dtype=torch.float64), torch.randn(2, 4, 2, generator=gen, dtype=torch.float64)
+
+    def grad(fn, dtype, device="cpu"):
+        hh = h.to(device, dtype).requires_grad_()
+        kp, v = fn(hh, r.to(device, dtype), beta=beta)
+        return torch.autograd.grad((kp.double().cpu() * gk).sum() + (v.double().cpu() * gv).sum(), hh)[0].double().cpu()
+
+    truth = grad(soft_argmax_reference, torch.float64)
+    ref_err = (grad(soft_argmax_reference, torch.float32) - truth).abs().max().item()
+    err = (grad(lambda *a, **k: run(backend, kpfast.soft_argmax, *a, **k), torch.float32, device_for(backend)) - truth).abs().max().item()
+    assert err <= 4 * ref_err + 1e-6, f"beta={beta} (seed {seed}): error {err:.3g}, float32 reference {ref_err:.3g}"
+
+
+@pytest.mark.skipif(not interpreting_triton(), reason="counts host reads on CPU tensors in the Triton interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["stacked", "scattered"])
+def test_no_host_syncs_or_copies_per_call(dtype, layout):
+    """The Triton path on CPU tensors, counting what would sync or copy on CUDA (issue 16.3): a float
+    beta in float64 was copied to the device on every call (a CUDA graph cannot capture that); the
+    offset table of scattered readouts is copied once per layout (test_device_constants_...)."""
+    gen, _ = fresh_generator()
+    args, _ = make_problem(gen, dtype=dtype, layout=layout, beta="float")
+    out = run("triton", call, args)
+    with calls_from_kpfast() as counts:
+        out = run("triton", call, args)
+        loss(out, *outputs_and_cotangents(out, gen)).backward()
+    assert not counts, f"host reads or tensors built from Python values: {dict(counts)}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -471,6 +543,7 @@ def test_half_inputs_return_half_outputs_close_to_float32(backend, dtype):
         (dict(beta="hot"), TypeError, "beta"),
         (dict(beta=True), TypeError, "beta"),
         (dict(beta=torch.tensor(1.0, device="meta")), ValueError, "device"),
+        (dict(heatmaps=torch.zeros(1, 1, 1, 1).expand(1, 1, 46341, 46341)), ValueError, "2\\^31"),
     ],
 )
 @pytest.mark.parametrize("backend", ["cpp", "reference"])

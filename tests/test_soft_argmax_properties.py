@@ -131,3 +131,88 @@ def test_heatmap_gradient_sums_to_zero_per_row(backend, p):
     scale = 1.0 + p["beta"] * (1.0 + p["r"].abs().max().item() if p["r"].numel() else 1.0)
     assert g.sum((-1, -2)).abs().max().item() <= 1e-12 * scale * g[0, 0].numel()
     assert torch.isfinite(g).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Degenerate and non-finite inputs: the documented semantics (kpfast.soft_argmax's docstring, README
+# "Non-finite and degenerate inputs"), on the C++ and Triton kernels and on the reference itself.
+
+SPECIAL_EXAMPLES = {"cpp": 50, "triton": 12, "reference": 30}
+
+
+@st.composite
+def special_problems(draw, nonfinite: bool):
+    """Small maps with masked pixels (rows masked everywhere included), ties, large logits, one-pixel
+    sides, beta of any sign or 0; with NaN and +-inf in heatmaps and NaN in readouts when ``nonfinite``."""
+    B, K, C = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(0, 2))
+    H, W = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    n = B * K * H * W
+    heat_specials = [float("-inf")] + ([float("nan"), float("inf")] if nonfinite else [])
+    level = st.sampled_from([0.0, 1.0, -3.0, 1e4, -1e4])
+
+    def entry(finite, specials, one_in):
+        return draw(st.sampled_from(specials)) if specials and draw(st.integers(0, one_in)) == 0 else draw(finite)
+
+    h = torch.tensor([entry(st.one_of(level, logit), heat_specials, 4) for _ in range(n)], dtype=torch.float64)
+    r = torch.tensor([entry(st.floats(-10, 10), [float("nan")] if nonfinite else [], 6) for _ in range(n * C)],
+                     dtype=torch.float64)
+    return dict(h=h.reshape(B, K, H, W), r=r.reshape(B, K, C, H, W), beta=draw(st.sampled_from([0.0, -1.5, 0.7, 3.0])),
+                as_list=draw(st.booleans()), use=draw(st.sampled_from(["keypoints", "values", "both"])),
+                beta_tensor=draw(st.booleans()))
+
+
+def outputs_and_gradients(backend, p):
+    """(keypoints, values, {name: gradient}) of the used outputs' sum; on CPU."""
+    dev = device_for(backend)
+    h, r = p["h"].to(dev).requires_grad_(), p["r"].to(dev).requires_grad_()
+    beta = torch.tensor(p["beta"], dtype=torch.float64, device=dev, requires_grad=True) if p["beta_tensor"] else p["beta"]
+    kp, values = run(backend, kpfast.soft_argmax, h, list(r.unbind(2)) if p["as_list"] else r, beta=beta)
+    used = {"keypoints": kp.sum(), "values": values.sum(), "both": kp.sum() + values.sum()}[p["use"]]
+    leaves = {"heatmaps": h, "readouts": r, **({"beta": beta} if p["beta_tensor"] else {})}
+    grads = torch.autograd.grad(used, list(leaves.values()), allow_unused=True)
+    grads = {k: (torch.zeros_like(v) if g is None else g).detach().cpu() for (k, v), g in zip(leaves.items(), grads)}
+    return kp.detach().cpu(), values.detach().cpu(), grads
+
+
+@_property_test(special_problems(nonfinite=True), SPECIAL_EXAMPLES)
+def test_non_finite_inputs_follow_the_documented_rule(backend, p):
+    """A logit beta*h of NaN or +inf in a row, or a row masked everywhere: NaN keypoint and values; NaN in a readout: that
+    value NaN; a masked pixel's heatmap gradient is 0; a NaN readout reaches no gradient when the values
+    are not used; and kernels give the reference's NaN values and gradients exactly where it does."""
+    kp, values, grads = outputs_and_gradients(backend, p)
+    h, r = p["h"], p["r"]
+    masked = h == float("-inf")
+    z = torch.where(masked, float("-inf"), p["beta"] * h)  # the logits, as documented
+    row_nan = (torch.isnan(z) | (z == float("inf"))).any((-1, -2)) | (z == float("-inf")).all((-1, -2))
+    assert torch.isnan(kp[row_nan]).all() and torch.isnan(values[row_nan]).all()
+    readout_nan = torch.isnan(r).any((-1, -2))
+    assert torch.isfinite(kp[~row_nan]).all()
+    assert torch.equal(torch.isnan(values), row_nan[..., None] | readout_nan) or not values.numel()
+    assert (grads["heatmaps"][masked] == 0).all(), "a masked pixel got a heatmap gradient"
+    if p["use"] == "keypoints":
+        rows = ~row_nan[..., None, None].expand_as(h)
+        assert torch.isfinite(grads["heatmaps"][rows]).all(), "a NaN readout reached the gradient of unused values"
+    if backend == "reference":
+        return
+    _, _, ref_grads = outputs_and_gradients("reference", p)
+    ref_kp, ref_v = soft_argmax_reference(p["h"], p["r"], beta=p["beta"])
+    for name, a, w in [("keypoints", kp, ref_kp), ("values", values, ref_v)] + [(f"d/d{k}", grads[k], ref_grads[k]) for k in grads]:
+        assert torch.equal(torch.isnan(a), torch.isnan(w)), f"{name}: NaN at {torch.isnan(a)}, reference {torch.isnan(w)}"
+        ok = torch.isfinite(w)
+        torch.testing.assert_close(a[ok], w[ok], rtol=1e-7, atol=1e-9, msg=name)
+
+
+@_property_test(special_problems(nonfinite=False), SPECIAL_EXAMPLES)
+def test_degenerate_inputs_give_finite_results(backend, p):
+    """Ties, logits of +-1e4, masked pixels, one-pixel sides, beta 0 or negative: finite keypoints,
+    values and gradients wherever a row keeps an unmasked pixel, and the reference's values."""
+    kp, values, grads = outputs_and_gradients(backend, p)
+    live = ~(p["h"] == float("-inf")).all((-1, -2))
+    assert torch.isfinite(kp[live]).all() and torch.isfinite(values[live]).all()
+    rows = live[..., None, None].expand_as(p["h"])
+    assert torch.isfinite(grads["heatmaps"][rows]).all()
+    assert torch.isfinite(grads["readouts"][live[..., None, None, None].expand_as(p["r"])]).all()
+    if backend != "reference":
+        ref_kp, ref_v = soft_argmax_reference(p["h"], p["r"], beta=p["beta"])
+        torch.testing.assert_close(kp, ref_kp, rtol=1e-9, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(values, ref_v, rtol=1e-9, atol=1e-11, equal_nan=True)

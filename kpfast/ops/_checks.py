@@ -46,3 +46,12 @@ def dim_size(name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Kernels accumulate in float32, or float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+PLANE_MAX = 2**31
+"""Kernels index inside one ``H x W`` plane with int32 (offsets across planes are int64)."""
+
+
+def plane(name: str, H: int, W: int) -> None:
+    if H * W >= PLANE_MAX:
+        raise ValueError(f"{name}: an H x W plane of {H} x {W} = {H * W} pixels is too large (H*W must be below 2^31)")

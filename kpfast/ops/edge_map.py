@@ -3,6 +3,7 @@ autograd, and dispatch to the Triton (CUDA) or C++ (CPU) kernels."""
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -17,24 +18,49 @@ n = _backends.as_numpy
 NGRAD = 8  # per-edge gradient slots: a_x, a_y, b_x, b_y, v_i, v_j, w, sigma2
 
 
-def _check_values(edges: Tensor, K: int, sigma2: Tensor) -> None:
-    """Value checks that need the data (right before a launch; one host sync on CUDA,
-    skipped while a CUDA graph is being captured, where a sync is not allowed)."""
-    if edges.is_cuda and torch.cuda.is_current_stream_capturing():
+def _check_values(edges: Optional[Tensor], K: int, sigma2: Optional[Tensor]) -> None:
+    """The checks that need tensor data: indices of ``edges`` in ``[0, K)`` and ``sigma2 > 0``
+    (None: checked on the host already). Right before a launch, with one host sync on CUDA
+    whatever is checked (more only to word an error), and none while a CUDA graph is captured,
+    where a sync is not allowed."""
+    tensors = [t for t in (edges, sigma2) if t is not None]
+    if not tensors or _backends.capturing(tensors[0].device):
         return
-    if edges.numel() and (int(edges.min()) < 0 or int(edges.max()) >= K):
-        bad = edges[(edges < 0) | (edges >= K)][0].item()
-        raise ValueError(f"edges: index {bad} is outside [0, K) with K = {K}")
-    if not bool(sigma2 > 0):
-        raise ValueError(f"sigma2 must be > 0, got {sigma2.item()}")
+    bad = []
+    if edges is not None:
+        bad.append(((edges < 0) | (edges >= K)).any())
+    if sigma2 is not None:
+        bad.append(~(sigma2 > 0))
+    if not any(torch.stack(bad).tolist()):
+        return
+    if edges is not None and ((edges < 0) | (edges >= K)).any():
+        index = edges[(edges < 0) | (edges >= K)][0].item()
+        raise ValueError(f"edges: index {index} is outside [0, K) with K = {K}")
+    raise ValueError(f"sigma2 must be > 0, got {sigma2.item()}")
 
 
-def _compute(t: Optional[Tensor]) -> Optional[Tensor]:
-    """Contiguous, and float32 for the half types (the C++ kernels take float32/float64)."""
-    if t is None:
-        return None
-    t = t.contiguous()
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+@torch.library.custom_op("kpfast::edge_map_checked_edges", mutates_args=(), device_types=("cpu", "cuda"))
+def _checked_edges(edges: Tensor, K: int, sigma2: Optional[Tensor], check_edges: bool) -> Tensor:
+    """A copy of ``edges`` after :func:`_check_values`, for the reference backend: as an opaque op
+    the data-dependent checks do not break ``torch.compile(fullgraph=True)``, and the copy (which
+    the reference indexes with) keeps the check in the graph."""
+    _check_values(edges if check_edges else None, K, sigma2)
+    return edges.clone()
+
+
+@_checked_edges.register_fake
+def _(edges, K, sigma2, check_edges):
+    return torch.empty_like(edges)
+
+
+def _compute(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """Contiguous in ``dtype``, the compute dtype of the keypoints (the C++ kernels take one of
+    float32/float64 for all inputs; the Triton kernels convert on load)."""
+    return None if t is None else t.contiguous().to(dtype)
+
+
+def _sigma2_float(sigma2: Optional[Tensor], sigma2_value: float) -> float:
+    return float(sigma2) if sigma2 is not None else sigma2_value
 
 
 @torch.library.custom_op("kpfast::edge_map", mutates_args=(), device_types=("cpu", "cuda"))
@@ -45,32 +71,36 @@ def _edge_map_op(
     width: int,
     uncertainty: Optional[Tensor],
     edge_weight: Optional[Tensor],
-    sigma2: Tensor,
+    sigma2: Optional[Tensor],
+    sigma2_value: float,
     precision: bool,
     backend: str,
+    check_edges: bool,
 ) -> tuple[Tensor, Tensor]:
-    _check_values(edges, keypoints.shape[1], sigma2)
+    """``sigma2``: a one-element tensor, or None for the float ``sigma2_value`` (checked by the
+    caller). ``check_edges=False``: the caller checked the edge indices on the host."""
+    _check_values(edges if check_edges else None, keypoints.shape[1], sigma2)
     family = _backend.resolve(backend, keypoints.device, "edge_map")
     edges32 = edges.to(torch.int32).contiguous()
-    s2 = sigma2.to(_checks.compute_dtype(keypoints.dtype)).reshape(1)
     if family == "triton":
         k = _backends.triton_kernels("edge_map")
         unc = None if uncertainty is None else uncertainty.contiguous()
         w = None if edge_weight is None else edge_weight.contiguous()
-        return k.edge_map_forward(keypoints.contiguous(), edges32, unc, w, s2, height, width, precision, EDGE_EPS)
-    kp = _compute(keypoints)
+        s2 = None if sigma2 is None else sigma2.reshape(1)
+        return k.edge_map_forward(keypoints.contiguous(), edges32, unc, w, s2, sigma2_value, height, width, precision, EDGE_EPS)
+    kp = _compute(keypoints, _checks.compute_dtype(keypoints.dtype))
     B = kp.shape[0]
     out = torch.empty(B, height, width, dtype=kp.dtype)
     winner = torch.empty(B, height, width, dtype=torch.int32)
     _backends.cpp().edge_map_forward(
-        n(kp), n(edges32), n(_compute(uncertainty)), n(_compute(edge_weight)),
-        float(s2), height, width, precision, EDGE_EPS, n(out), n(winner), _backends.threads(),
+        n(kp), n(edges32), n(_compute(uncertainty, kp.dtype)), n(_compute(edge_weight, kp.dtype)),
+        _sigma2_float(sigma2, sigma2_value), height, width, precision, EDGE_EPS, n(out), n(winner), _backends.threads(),
     )
     return out.to(keypoints.dtype), winner
 
 
 @_edge_map_op.register_fake
-def _(keypoints, edges, height, width, uncertainty, edge_weight, sigma2, precision, backend):
+def _(keypoints, edges, height, width, uncertainty, edge_weight, sigma2, sigma2_value, precision, backend, check_edges):
     B = keypoints.shape[0]
     out = keypoints.new_empty(B, height, width)
     return out, keypoints.new_empty(B, height, width, dtype=torch.int32)
@@ -84,21 +114,23 @@ def _edge_map_backward_op(
     edges: Tensor,
     uncertainty: Optional[Tensor],
     edge_weight: Optional[Tensor],
-    sigma2: Tensor,
+    sigma2: Optional[Tensor],
+    sigma2_value: float,
     precision: bool,
     backend: str,
 ) -> Tensor:
     family = _backend.resolve(backend, keypoints.device, "edge_map")
     edges32 = edges.to(torch.int32).contiguous()
-    s2 = sigma2.to(_checks.compute_dtype(keypoints.dtype)).reshape(1)
     if family == "triton":
         k = _backends.triton_kernels("edge_map")
         unc = None if uncertainty is None else uncertainty.contiguous()
         w = None if edge_weight is None else edge_weight.contiguous()
+        s2 = None if sigma2 is None else sigma2.reshape(1)
         return k.edge_map_backward(
-            grad_out.contiguous(), winner.contiguous(), keypoints.contiguous(), edges32, unc, w, s2, precision, EDGE_EPS
+            grad_out.contiguous(), winner.contiguous(), keypoints.contiguous(), edges32, unc, w, s2, sigma2_value,
+            precision, EDGE_EPS,
         )
-    kp = _compute(keypoints)
+    kp = _compute(keypoints, _checks.compute_dtype(keypoints.dtype))
     g = grad_out.contiguous().to(kp.dtype)
     B, E, H = kp.shape[0], edges.shape[0], grad_out.shape[1]
     ext = _backends.cpp()
@@ -106,39 +138,55 @@ def _edge_map_backward_op(
     scratch = torch.empty(B * bands, E, NGRAD, dtype=torch.float64)
     grad_edges = torch.empty(B, E, NGRAD, dtype=kp.dtype)
     ext.edge_map_backward(
-        n(g), n(winner.contiguous()), n(kp), n(edges32), n(_compute(uncertainty)), n(_compute(edge_weight)),
-        float(s2), precision, EDGE_EPS, n(scratch), n(grad_edges), _backends.threads(),
+        n(g), n(winner.contiguous()), n(kp), n(edges32), n(_compute(uncertainty, kp.dtype)), n(_compute(edge_weight, kp.dtype)),
+        _sigma2_float(sigma2, sigma2_value), precision, EDGE_EPS, n(scratch), n(grad_edges), _backends.threads(),
     )
     return grad_edges
 
 
 @_edge_map_backward_op.register_fake
-def _(grad_out, winner, keypoints, edges, uncertainty, edge_weight, sigma2, precision, backend):
+def _(grad_out, winner, keypoints, edges, uncertainty, edge_weight, sigma2, sigma2_value, precision, backend):
     return keypoints.new_empty(keypoints.shape[0], edges.shape[0], NGRAD, dtype=_checks.compute_dtype(keypoints.dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    keypoints, edges, _, _, uncertainty, edge_weight, sigma2, precision, backend = inputs
+    keypoints, edges, _, _, uncertainty, edge_weight, sigma2, sigma2_value, precision, backend, _ = inputs
     ctx.save_for_backward(keypoints, edges, uncertainty, edge_weight, sigma2, output[1])
-    ctx.precision, ctx.backend = precision, backend
+    ctx.sigma2_value, ctx.precision, ctx.backend = sigma2_value, precision, backend
+
+
+def _edge_sum(per_edge: Tensor, incidence: Tensor) -> Tensor:
+    """``[B, E, C]`` per-edge values summed into their keypoints, ``[B, K, C]``, with the 0/1
+    ``incidence [E, K]`` of one endpoint: a product with one-hot matrices (deterministic on every
+    device), in which a non-finite value reaches only its own keypoints (a plain product would
+    spread ``0 * NaN`` to every keypoint): finite parts are summed by the product, and the NaN and
+    infinities are counted by keypoint and put back as a sum would give them."""
+    finite = torch.isfinite(per_edge)
+    total = torch.einsum("bec,ek->bkc", torch.where(finite, per_edge, 0.0), incidence)
+    inf = float("inf")
+    kinds = torch.stack((per_edge.isnan(), per_edge == inf, per_edge == -inf), -1).to(incidence.dtype)
+    nan, pos, neg = (torch.einsum("becf,ek->bkcf", kinds, incidence) > 0).unbind(-1)
+    total = torch.where(pos, inf, torch.where(neg, -inf, total))
+    return torch.where(nan | (pos & neg), float("nan"), total)
 
 
 def _backward(ctx, grad_out, _grad_winner):
     keypoints, edges, uncertainty, edge_weight, sigma2, winner = ctx.saved_tensors
-    ge = _edge_map_backward_op(grad_out, winner, keypoints, edges, uncertainty, edge_weight, sigma2, ctx.precision, ctx.backend)
+    ge = _edge_map_backward_op(
+        grad_out, winner, keypoints, edges, uncertainty, edge_weight, sigma2, ctx.sigma2_value, ctx.precision, ctx.backend
+    )
     K = keypoints.shape[1]
-    # Edge -> keypoint scatter as a product with one-hot incidence matrices: deterministic on every device.
     first = F.one_hot(edges[:, 0], K).to(ge.dtype)
     second = F.one_hot(edges[:, 1], K).to(ge.dtype)
-    grad_kp = torch.einsum("bec,ek->bkc", ge[..., 0:2], first) + torch.einsum("bec,ek->bkc", ge[..., 2:4], second)
+    grad_kp = _edge_sum(ge[..., 0:2], first) + _edge_sum(ge[..., 2:4], second)
     grad_unc = grad_w = None
     if uncertainty is not None and ctx.needs_input_grad[4]:
-        grad_unc = (ge[..., 4] @ first + ge[..., 5] @ second).to(uncertainty.dtype)
+        grad_unc = (_edge_sum(ge[..., 4:5], first) + _edge_sum(ge[..., 5:6], second))[..., 0].to(uncertainty.dtype)
     if edge_weight is not None and ctx.needs_input_grad[5]:
         gw = ge[..., 6]
         grad_w = (gw if edge_weight.dim() == 2 else gw.sum(0)).to(edge_weight.dtype)
-    grad_s2 = ge[..., 7].sum().reshape(sigma2.shape).to(sigma2.dtype) if ctx.needs_input_grad[6] else None
-    return grad_kp.to(keypoints.dtype), None, None, None, grad_unc, grad_w, grad_s2, None, None
+    grad_s2 = ge[..., 7].sum().reshape(sigma2.shape).to(sigma2.dtype) if sigma2 is not None and ctx.needs_input_grad[6] else None
+    return grad_kp.to(keypoints.dtype), None, None, None, grad_unc, grad_w, grad_s2, None, None, None, None
 
 
 _edge_map_op.register_autograd(_backward, setup_context=_setup_context)
@@ -153,25 +201,48 @@ def _size(size) -> tuple[int, int]:
         raise TypeError(f"size must be an int or a pair (H, W) of ints, got {size!r}")
     if min(hw) < 1:
         raise ValueError(f"size must be positive, got {hw}")
+    _checks.plane("size", *hw)
     return hw
 
 
-def _edges(edges, device: torch.device) -> Tensor:
+def edge_pairs(edges) -> Optional[tuple[int, ...]]:
+    """The indices of edges given as a sequence of ``(i, j)`` integer pairs, flattened
+    (``(i0, j0, i1, j1, ...)``), None for a tensor; an error that names ``edges`` for anything
+    else. Nothing is coerced: float or bool indices and flat or ragged lists are rejected."""
     if isinstance(edges, Tensor):
-        if edges.dtype.is_floating_point or edges.dtype.is_complex or edges.dtype == torch.bool:
-            raise TypeError(f"edges must hold integers, got {_checks.describe(edges)}")
-        if edges.dim() != 2 or edges.shape[1] != 2:
-            raise ValueError(f"edges must have shape [E, 2], got {_checks.describe(edges)}")
-        if edges.device != device:
-            raise ValueError(f"all tensors must be on one device, got keypoints on {device}, edges on {edges.device}")
-        return edges.to(torch.int64)
-    try:
-        pairs = [tuple(int(v) for v in pair) for pair in edges]
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"edges must be an [E, 2] integer tensor or a sequence of (i, j) pairs, got {edges!r}") from err
-    if any(len(p) != 2 for p in pairs):
-        raise ValueError(f"edges must be a sequence of (i, j) pairs, got {edges!r}")
-    return torch.tensor(pairs, dtype=torch.int64, device=device).reshape(-1, 2)
+        return None
+    if isinstance(edges, (str, bytes)) or not hasattr(edges, "__iter__"):
+        raise TypeError(f"edges must be an [E, 2] integer tensor or a sequence of (i, j) pairs, got {type(edges).__name__}")
+    flat = []
+    for pair in edges:
+        if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+            raise ValueError(f"edges must be a sequence of (i, j) pairs, got {pair!r} in it")
+        try:
+            if any(isinstance(v, bool) for v in pair):
+                raise TypeError
+            flat += [operator.index(pair[0]), operator.index(pair[1])]
+        except TypeError:
+            raise TypeError(f"edges must hold integer indices, got the pair {pair!r}") from None
+    return tuple(flat)
+
+
+def edge_tensor(edges, device: Optional[torch.device] = None) -> Tensor:
+    """``edges`` as an ``[E, 2]`` int64 tensor, or an error that names ``edges``.
+
+    Takes an integer tensor of that shape (which must be on ``device`` when one is given) or a
+    sequence of ``(i, j)`` pairs of integers (see :func:`edge_pairs`), put on ``device`` (default
+    the CPU).
+    """
+    flat = edge_pairs(edges)
+    if flat is not None:
+        return torch.tensor(flat, dtype=torch.int64, device=device).reshape(-1, 2)
+    if edges.dtype.is_floating_point or edges.dtype.is_complex or edges.dtype == torch.bool:
+        raise TypeError(f"edges must hold integers, got {_checks.describe(edges)}")
+    if edges.dim() != 2 or edges.shape[1] != 2:
+        raise ValueError(f"edges must have shape [E, 2], got {_checks.describe(edges)}")
+    if device is not None and edges.device != device:
+        raise ValueError(f"all tensors must be on one device, got keypoints on {device}, edges on {edges.device}")
+    return edges.to(torch.int64)
 
 
 def edge_map(
@@ -203,7 +274,8 @@ def edge_map(
         keypoints: ``[B, K, 2]`` (x, y) in [-1, 1], pixel centres at the ends
             (``align_corners=True``). Points outside the image are fine.
         edges: ``[E, 2]`` integer tensor on the keypoints' device, or a sequence of
-            ``(i, j)`` pairs, indices in ``[0, K)``. ``E = 0`` gives zeros.
+            ``(i, j)`` pairs of integers, indices in ``[0, K)`` (nothing is coerced: float
+            indices or other shapes are an error). ``E = 0`` gives zeros.
         size: ``H`` or ``(H, W)`` of the output.
         uncertainty: ``[B, K]`` logits ``v`` (the paper's keypoint uncertainty), or None.
         edge_weight: ``[E]`` or ``[B, E]`` non-negative weights ``w`` (AutoLink's learned
@@ -215,11 +287,25 @@ def edge_map(
 
     Returns:
         ``[B, H, W]`` in the dtype of ``keypoints`` (float16, bfloat16, float32 or float64;
-        kernels accumulate in float32, float64 for float64).
+        kernels accumulate in float32, float64 for float64). ``uncertainty``, ``edge_weight``
+        and ``sigma2`` may have any float dtype: they are used in the keypoints' compute
+        dtype, and their gradients come back in their own dtypes.
 
-    Non-finite inputs are not hidden: a NaN keypoint, logit or weight makes every
-    pixel its edge wins (and every pixel where it is the first NaN) NaN.
-    The backend follows :func:`kpfast.use_backend` (CUDA: Triton, CPU: C++).
+    Degenerate and non-finite inputs: zero-length edges, ``E = 0`` (zeros), ``K = 1``,
+    coincident keypoints and zero weights give finite values and gradients. ``S_e``
+    follows IEEE arithmetic and NaN wins the max as in ``torch.max`` (the lowest NaN
+    edge is the pixel's winner), so a NaN among an edge's inputs (either keypoint, its
+    logit, the edge's weight) makes every pixel of that sample NaN; infinite inputs give
+    infinite or NaN values. Gradients are those of autograd through the reference: each
+    pixel's goes to its winner, and an edge with a NaN or infinite input also passes
+    ``0 *`` its derivatives from every other pixel, so NaN gradients reach only the
+    inputs of such edges and ``sigma2``; inputs of finite edges keep finite gradients
+    (zero where a NaN edge wins every pixel). Same on every backend.
+    The backend follows :func:`kpfast.use_backend` (CUDA: Triton, CPU: C++). On CUDA a call
+    syncs with the host once when ``edges`` or ``sigma2`` is a tensor (to check their values
+    before the launch) and never otherwise, nor while a CUDA graph is captured (the checks
+    are skipped); a float ``sigma2`` reaches the kernels as a value and a list of edges is
+    copied to the device once, so both can be captured.
 
     Example:
         >>> import torch, kpfast
@@ -237,7 +323,14 @@ def edge_map(
         raise ValueError(f"keypoints must hold at least one keypoint, got {_checks.describe(keypoints)}")
     device = keypoints.device
     H, W = _size(size)
-    e = _edges(edges, device)
+    flat = edge_pairs(edges)
+    if flat is None:
+        e = edge_tensor(edges, device)
+    else:  # checked here, on the host: no sync for it later
+        if flat and not 0 <= min(flat) <= max(flat) < K:
+            bad = next(i for i in flat if not 0 <= i < K)
+            raise ValueError(f"edges: index {bad} is outside [0, K) with K = {K}")
+        e = _backends.device_constant(flat, torch.int64, device).reshape(-1, 2)  # copied once per list
     E = e.shape[0]
     if uncertainty is not None:
         _checks.tensor("uncertainty", uncertainty, ndim=2)
@@ -251,11 +344,11 @@ def edge_map(
         _checks.tensor("sigma2", sigma2)
         if sigma2.numel() != 1 or sigma2.dim() > 1:
             raise ValueError(f"sigma2 must be a float or a 0-dim tensor, got {_checks.describe(sigma2)}")
-        s2 = sigma2.reshape(())
+        s2, s2_value = sigma2.reshape(()), 0.0
     elif isinstance(sigma2, (int, float)) and not isinstance(sigma2, bool):
         if not sigma2 > 0:
             raise ValueError(f"sigma2 must be > 0, got {sigma2}")
-        s2 = torch.tensor(float(sigma2), dtype=_checks.compute_dtype(keypoints.dtype), device=device)
+        s2, s2_value = None, float(sigma2)  # a kernel argument: no device tensor per call
     else:
         raise TypeError(f"sigma2 must be a positive float or a 0-dim tensor, got {type(sigma2).__name__}")
     if mode not in EDGE_MODES:
@@ -264,9 +357,11 @@ def edge_map(
 
     chosen = _backend.get_backend()
     if chosen == "reference":
-        _check_values(e, K, s2)
+        if flat is None or s2 is not None:
+            e = _checked_edges(e, K, s2, flat is None)
         return edge_map_reference(
-            keypoints, e, (H, W), uncertainty=uncertainty, edge_weight=edge_weight, sigma2=s2, mode=mode
+            keypoints, e, (H, W), uncertainty=uncertainty, edge_weight=edge_weight,
+            sigma2=s2 if s2 is not None else s2_value, mode=mode,
         )
-    out, _ = _edge_map_op(keypoints, e, H, W, uncertainty, edge_weight, s2, mode == "precision", chosen)
+    out, _ = _edge_map_op(keypoints, e, H, W, uncertainty, edge_weight, s2, s2_value, mode == "precision", chosen, flat is None)
     return out

@@ -171,17 +171,20 @@ def _setup_context(ctx, inputs, output):
         beta is not None and beta.requires_grad,
     )
     ctx.n_lists = len(readouts)
+    ctx.set_materialize_grads(False)  # an unused output's gradient comes as None, not zeros
 
 
 def _backward(ctx, grad_keypoints, grad_values, _grad_stats):
     heatmaps, beta, keypoints, values, stats, *readouts = ctx.saved_tensors
     need_h, need_r, need_b = ctx.need
+    stacked = ctx.stacked
     if grad_keypoints is None:
         grad_keypoints = torch.zeros_like(keypoints)
-    if grad_values is None:
+    if grad_values is None:  # values unused: the readouts enter no gradient (a NaN in them neither)
+        readouts, stacked, values, need_r = [], False, values[..., :0], False
         grad_values = torch.zeros_like(values)
     gh, gr, gb = _soft_argmax_backward_op(
-        grad_keypoints, grad_values, heatmaps, readouts, ctx.stacked, beta, ctx.beta_value,
+        grad_keypoints, grad_values, heatmaps, readouts, stacked, beta, ctx.beta_value,
         keypoints, values, stats, need_h, need_r, need_b, ctx.backend,
     )
     grad_h = gh if need_h else None
@@ -279,12 +282,15 @@ def soft_argmax(heatmaps: Tensor, readouts=None, *, beta=1.0) -> tuple[Tensor, O
         readouts, in the dtype of ``heatmaps`` (float16, bfloat16, float32, float64;
         kernels accumulate in float32, float64 for float64).
 
-    Special values: a ``-inf`` heatmap entry masks its pixel (weight 0, for any beta).
-    Logits of any finite size give finite results (``+-1e4``, all equal). A row masked
-    everywhere has no weights: its keypoint and values are NaN, as ``torch.softmax``
-    gives, and so are its gradients. NaN or ``+inf`` in a heatmap row makes that row's
-    outputs NaN; NaN in a readout map makes that value NaN (even where the weight is 0),
-    and an infinite readout gives an infinite or NaN value. The backend follows
+    Special values: a ``-inf`` heatmap entry masks its pixel (weight 0 and heatmap
+    gradient 0, for any beta). Logits of any finite size give finite results (``+-1e4``,
+    all equal). A row masked everywhere has no weights: its keypoint, values and readout
+    gradients are NaN, as ``torch.softmax`` gives. NaN in a heatmap row, or a logit
+    ``beta * h`` of ``+inf``, makes that row's outputs and gradients NaN (``h = +inf``
+    with ``beta < 0`` is a logit of ``-inf``: weight 0); NaN in a readout map makes that
+    value NaN (even where the weight is 0) and, if the values are used, that row's
+    heatmap and beta gradients; an infinite readout gives an infinite or NaN value. Gradients are those of
+    autograd through the reference, on every backend. The backend follows
     :func:`kpfast.use_backend` (CUDA: Triton, CPU: C++). First derivatives only: the
     backward is itself not differentiable (no double backward).
 
@@ -304,6 +310,7 @@ def soft_argmax(heatmaps: Tensor, readouts=None, *, beta=1.0) -> tuple[Tensor, O
     B, K, H, W = heatmaps.shape
     if H < 1 or W < 1:
         raise ValueError(f"heatmaps must have at least one pixel (H, W >= 1), got {_checks.describe(heatmaps)}")
+    _checks.plane("heatmaps", H, W)
     rs, stacked = _readouts(readouts, heatmaps)
     b, beta_value = _beta(beta, heatmaps)
     _checks.same_device(heatmaps=heatmaps, beta=b, **{f"readouts[{i}]": r for i, r in enumerate(rs)})

@@ -1,0 +1,96 @@
+"""The dispatch layer shared by the ops (kpfast/ops/_backends.py): small device constants that a
+CUDA graph can capture, and launches on the tensors' device."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import pytest
+import torch
+
+import kpfast
+from kpfast.ops import _backends
+
+from _util import device_for, kernel_backends
+
+META = torch.device("meta")  # a device that is not the CPU, without data: the caching logic runs as on CUDA
+
+
+def test_device_constants_are_copied_once_and_capturable(monkeypatch):
+    values = (3, 1, 4, 1, 5)
+    first = _backends.device_constant(values, torch.int64, META)
+    assert first.shape == (5,) and first.dtype == torch.int64 and first.device == META
+    assert _backends.device_constant(values, torch.int64, META) is first  # cached: no copy
+    assert _backends.device_constant(values, torch.int32, META) is not first
+
+    # While a CUDA graph is captured: a clone into the graph's memory, never the cache entry
+    # (evicting it would free memory the graph reads), and fills for a small new constant.
+    monkeypatch.setattr(_backends, "capturing", lambda device: True)
+    captured = _backends.device_constant(values, torch.int64, META)
+    assert captured is not first and captured.shape == first.shape
+    fresh = _backends.device_constant((7, 8), torch.int64, META)
+    assert fresh.shape == (2,) and (7, 8, torch.int64, META) not in _backends._CONSTANTS
+    big = tuple(range(_backends.CONSTANT_FILLS_MAX + 1))
+    with pytest.raises(ValueError, match="before capturing"):
+        _backends.device_constant(big, torch.int64, META)
+
+
+def test_device_constants_keep_the_most_recent():
+    made = [_backends.device_constant((i, -1), torch.int64, META) for i in range(_backends.CONSTANTS_CACHED + 5)]
+    assert len(_backends._CONSTANTS) <= _backends.CONSTANTS_CACHED
+    assert _backends.device_constant((_backends.CONSTANTS_CACHED + 4, -1), torch.int64, META) is made[-1]
+
+
+@pytest.mark.skipif("triton" not in kernel_backends(), reason="Triton kernels need the interpreter or a GPU")
+def test_guarded_launchers_keep_their_module_patchable(monkeypatch):
+    """The guard wraps the launchers in place: triton_kernels(op) is the module itself, whose constants
+    tests patch (a proxy object broke pytest's undo of such patches)."""
+    module = _backends.triton_kernels("edge_map")
+    assert module is importlib.import_module("kpfast.kernels.edge_map")
+    assert module.edge_map_forward.on_tensor_device and module.edge_map_backward.on_tensor_device
+    monkeypatch.setattr(module, "FWD_REFRESH", 1)
+    monkeypatch.undo()
+    assert module.FWD_REFRESH == 4
+
+
+def test_tensor_device_looks_into_sequences():
+    t = torch.zeros(1, device=META)
+    assert _backends.tensor_device((None, [t], 3), {}) == META
+    assert _backends.tensor_device((1.0,), {"x": (t,)}) == META
+    assert _backends.tensor_device((1.0, []), {}) is None
+
+
+@pytest.mark.skipif("triton" not in kernel_backends(), reason="Triton kernels need the interpreter or a GPU")
+def test_every_op_launches_under_the_guard_of_its_tensors_device(monkeypatch):
+    """Issue 16.1: the Triton launchers ran on the current CUDA device, not the tensors'. Every launch of
+    the four ops now goes through device_guard(device of its tensors) (the guard itself, on two GPUs:
+    tests/test_gpu_check.py)."""
+    seen = []
+
+    def recording_guard(device):
+        seen.append(device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(_backends, "device_guard", recording_guard)
+    kp = torch.rand(1, 3, 2, device=device_for("triton"), requires_grad=True)
+    device = kp.device  # cuda:0 on a GPU
+    heat = torch.randn(1, 2, 4, 4, device=device, requires_grad=True)
+    pts = torch.randn(2, 4, 3, device=device, requires_grad=True)
+    with kpfast.use_backend("triton"):
+        for name, out in {
+            "edge_map": kpfast.edge_map(kp, [(0, 1)], 4),
+            "soft_argmax": kpfast.soft_argmax(heat)[0],
+            "umeyama": kpfast.umeyama(pts[:1], pts[1:])[0],
+            "part_alignment": kpfast.part_alignment(pts, torch.ones(1, 4, dtype=torch.bool), detach_transform=False),
+        }.items():
+            seen.clear()
+            out.sum().backward()
+            assert seen and set(seen) == {device}, f"{name} backward: {seen}"
+    seen.clear()
+    with kpfast.use_backend("triton"):
+        kpfast.edge_map(kp, [(0, 1)], 4)
+        kpfast.soft_argmax(heat)
+        kpfast.umeyama(pts[:1], pts[1:])
+        kpfast.part_alignment(pts, torch.ones(1, 4, dtype=torch.bool))
+    assert len(seen) >= 4 and set(seen) == {device}
