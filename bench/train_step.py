@@ -19,7 +19,7 @@ import torch
 
 import kpfast
 from kpfast.data.skeletons import face68_meta
-from kpfast.models import build_perceptual_loss
+from kpfast.losses import build_perceptual_loss
 from kpfast.train import TrainConfig, build_model
 from kpfast.train.objective import Objective
 from kpfast.train.streams import RandomStreams
@@ -32,7 +32,7 @@ COMPILE_SKIP = ("skipped: torch.compile of a whole training step is not benchmar
 
 
 def _perceptual_spec() -> str:
-    from kpfast.data.features import efficientnet_available
+    from kpfast.models.features import efficientnet_available
 
     return "imagenet" if efficientnet_available() else "none"
 

@@ -41,8 +41,8 @@ from torch import Tensor
 
 from .data import collate_samples, open_dataset
 from .data.transforms import sample_transform
-from .losses import equivariance_loss, part_geometry_loss, reconstruction_loss
-from .models import ReconstructionUNet, build_perceptual_loss, patch_mask, patch_size_for
+from .losses import build_perceptual_loss, equivariance_loss, part_geometry_loss, reconstruction_loss
+from .models import ReconstructionUNet, patch_mask, patch_size_for
 from .nn import EdgeMap
 
 NOISE = (0.02, 0.05, 0.1)

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 import kpfast
 
 from kpfast.data.transforms import TransformRanges, sample_transform
-from kpfast.losses import (choose_partners, equivariance_loss, few_shot_loss, masked_keypoint_l1, part_geometry_loss,
-                           reconstruction_loss, smoothness_loss, smoothness_triples)
-from kpfast.models import PerceptualLoss
+from kpfast.losses import (PerceptualLoss, choose_partners, equivariance_loss, few_shot_loss, masked_keypoint_l1,
+                           part_geometry_loss, reconstruction_loss, smoothness_loss, smoothness_triples)
 from kpfast.reference import pixel_centers
 
 from _util import fresh_generator

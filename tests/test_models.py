@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from kpfast.models.blocks import StridedPointwiseConv
-from kpfast.models import (FewShotKeypointModel, KeypointDetector, PerceptualLoss, ReconstructionUNet,
-                           build_perceptual_loss, load_feature_module, patch_mask, patch_size_for)
+from kpfast.losses import PerceptualLoss, build_perceptual_loss, load_feature_module
+from kpfast.models import FewShotKeypointModel, KeypointDetector, ReconstructionUNet, patch_mask, patch_size_for
 from kpfast.reference import pixel_centers
 from kpfast.safe_load import LoadError
 
@@ -159,7 +159,7 @@ def test_perceptual_loss_backbones(tmp_path):
 
 def test_an_efficientnet_state_dict_is_a_perceptual_backbone(tmp_path):
     pytest.importorskip("efficientnet_lite_pytorch")
-    from kpfast.data.features import imagenet_backbone
+    from kpfast.models.features import imagenet_backbone
 
     torch.save(imagenet_backbone(pretrained=False).net.state_dict(), tmp_path / "lite0.pt")
     loss = build_perceptual_loss(str(tmp_path / "lite0.pt"))

@@ -71,8 +71,8 @@ def _entry_points(run, evil, cache, tmp_path):
     """Every way a file reaches torch.load: name -> call (raises, or returns an exit status)."""
     from PIL import Image
 
-    from kpfast.data.features import imagenet_backbone, resolve_extractor
-    from kpfast.models import build_perceptual_loss
+    from kpfast.losses import build_perceptual_loss
+    from kpfast.models.features import imagenet_backbone, resolve_extractor
     from kpfast.predict import main as predict_main
 
     def predict_cli():

@@ -11,6 +11,7 @@ import torch
 
 from ..data import KeypointMeta, collate_samples, open_dataset
 from ..data.few_shot import labeled_counts, select_few_shot
+from ..models.features import resolve_extractor
 from .config import TrainConfig
 from .distributed import World
 from .streams import stream_seed
@@ -87,10 +88,10 @@ def select_labeled(train, cfg: TrainConfig, *, progress: bool = False) -> tuple[
     every = len(candidates) == len(train)
     among = "" if every else f" among the {len(candidates)} labelled images"
     if cfg.uses("kmeans"):
-        idx, info = select_few_shot(train, cfg.shots, features=cfg.few_shot_features,
-                                    seed=stream_seed(cfg.seed, "selection"),
-                                    progress=progress, return_info=True, candidates=None if every else candidates)
-        return [int(i) for i in idx], f"k-means over {info['features']}{among}"
+        features, description = resolve_extractor(cfg.few_shot_features)
+        idx = select_few_shot(train, cfg.shots, features=features, seed=stream_seed(cfg.seed, "selection"),
+                              progress=progress, candidates=None if every else candidates)
+        return [int(i) for i in idx], f"k-means over {description}{among}"
     g = torch.Generator().manual_seed(stream_seed(cfg.seed, "selection"))
     perm = torch.randperm(len(candidates), generator=g)[:cfg.shots].tolist()
     return [candidates[i] for i in perm], f"random (seed {cfg.seed}){among}"

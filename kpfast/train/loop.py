@@ -25,7 +25,8 @@ import torch
 
 from .. import backend
 from ..evaluate import COLLAPSE_SPREAD, evaluate, shape_baselines
-from ..models import FewShotKeypointModel, build_perceptual_loss
+from ..losses import build_perceptual_loss
+from ..models import FewShotKeypointModel
 from . import guard
 from .announce import StepClock, describe_run
 from .checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, MODEL_NAME, CheckpointError, global_rng_state,

@@ -33,9 +33,9 @@ from torch import Tensor
 
 from ..data import KeypointMeta
 from ..data.transforms import sample_transform
-from ..losses import (SMOOTH_PARTS, equivariance_loss, few_shot_loss, part_geometry_loss, reconstruction_loss,
-                      smoothness_loss, smoothness_triples)
-from ..models import PerceptualLoss, patch_mask, patch_size_for
+from ..losses import (SMOOTH_PARTS, PerceptualLoss, equivariance_loss, few_shot_loss, part_geometry_loss,
+                      reconstruction_loss, smoothness_loss, smoothness_triples)
+from ..models import patch_mask, patch_size_for
 from .config import TrainConfig
 from .streams import RandomStreams
 
