@@ -6,7 +6,7 @@ Backend selection: ``use_backend``, ``set_backend``,
 ``get_backend``. The plain-PyTorch spec of every op: ``kpfast.reference``.
 """
 
-from . import nn, reference
+from . import reference
 from .backend import get_backend, set_backend, use_backend
 from .ops import edge_map, part_alignment, soft_argmax, umeyama
 
@@ -16,4 +16,4 @@ from . import train  # noqa: E402  (callable: kpfast.train(config))
 from .inference import load  # noqa: E402
 
 __all__ = ["train", "load", "edge_map", "soft_argmax", "umeyama", "part_alignment", "get_backend", "set_backend",
-           "use_backend", "reference", "nn"]
+           "use_backend", "reference"]

@@ -42,8 +42,7 @@ from torch import Tensor
 from .data import collate_samples, open_dataset
 from .data.transforms import sample_transform
 from .losses import build_perceptual_loss, equivariance_loss, part_geometry_loss, reconstruction_loss
-from .models import ReconstructionUNet, patch_mask, patch_size_for
-from .nn import EdgeMap
+from .models import EdgeMap, ReconstructionUNet, patch_mask, patch_size_for
 
 NOISE = (0.02, 0.05, 0.1)
 """Perturbations of the true keypoints (std, normalized units; 0.05 is 1.6 px at 64 px)."""

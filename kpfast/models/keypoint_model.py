@@ -12,8 +12,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..nn import EdgeMap, all_pairs
+from ..data.skeletons import all_pairs
 from .detector import Detections, KeypointDetector
+from .edge_map import EdgeMap
 from .unet import ReconstructionUNet
 
 GRAPHS = ("skeleton", "all-pairs")
