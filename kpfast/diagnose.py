@@ -218,7 +218,7 @@ def run(cfg, *, steps: int = 300, progress: bool = True, only=CHECKS) -> list[Ch
 
 
 def main(argv=None) -> int:
-    from .train.config import PRESETS, TrainConfig
+    from .config import PRESETS, TrainConfig
 
     p = argparse.ArgumentParser(prog="python -m kpfast.diagnose", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")

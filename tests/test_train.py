@@ -9,7 +9,7 @@ import torch
 
 import kpfast
 from kpfast.train import NonFiniteLossError, TrainConfig, Trainer
-from kpfast.train.checkpoint import load_checkpoint
+from kpfast.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

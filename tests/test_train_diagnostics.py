@@ -8,7 +8,7 @@ import torch
 
 import kpfast
 from kpfast.train import TrainConfig
-from kpfast.train.checkpoint import load_checkpoint
+from kpfast.checkpoint import load_checkpoint
 from kpfast.train.diagnostics import depth_correlation, term_gradients
 
 

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from kpfast.train.checkpoint import load_checkpoint
+from kpfast.checkpoint import load_checkpoint
 
 
 def _free_port() -> int:

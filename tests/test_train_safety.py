@@ -11,8 +11,8 @@ import torch
 
 import kpfast
 from kpfast.train import NonFiniteLossError, TrainConfig, Trainer
-from kpfast.train import config as config_module
-from kpfast.train.checkpoint import (CheckpointError, content_digest, load_checkpoint, save_checkpoint_file)
+from kpfast import config as config_module
+from kpfast.checkpoint import CheckpointError, content_digest, load_checkpoint, save_checkpoint_file
 from kpfast.train.cli import config_from_args, main, parser
 from kpfast.train.guard import TERM_SETTINGS
 from kpfast.train.objective import TERMS

@@ -10,14 +10,14 @@ Callable as a function and runnable as a module::
 
 Pieces: :class:`TrainConfig` and :data:`PRESETS` (config), :class:`Trainer`
 (the loop), :class:`NonFiniteLossError`; the objective is in
-:mod:`kpfast.train.objective`, checkpoints in :mod:`kpfast.train.checkpoint`, the
+:mod:`kpfast.train.objective`, checkpoint files in :mod:`kpfast.checkpoint`, the
 NaN guard in :mod:`kpfast.train.guard`, run folders in :mod:`kpfast.train.run_folder`.
 """
 
 import sys as _sys
 import types as _types
 
-from .config import ABLATIONS, METHODS, PRESETS, TrainConfig
+from ..config import ABLATIONS, METHODS, PRESETS, TrainConfig
 from .loop import NonFiniteLossError, Trainer, build_model, train
 
 __all__ = ["train", "TrainConfig", "PRESETS", "METHODS", "ABLATIONS", "Trainer", "NonFiniteLossError", "build_model"]

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 def describe_run(cfg: TrainConfig, device: torch.device, world_size: int, resume_step: Optional[int] = None) -> str:

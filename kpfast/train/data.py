@@ -12,7 +12,7 @@ import torch
 from ..data import KeypointMeta, collate_samples, open_dataset
 from ..data.few_shot import labeled_counts, select_few_shot
 from ..models.features import resolve_extractor
-from .config import TrainConfig
+from ..config import TrainConfig
 from .distributed import World
 from .streams import stream_seed
 

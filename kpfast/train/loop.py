@@ -29,9 +29,9 @@ from ..losses import build_perceptual_loss
 from ..models import FewShotKeypointModel
 from . import guard
 from .announce import StepClock, describe_run
-from .checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, MODEL_NAME, CheckpointError, global_rng_state,
-                         load_checkpoint, save_checkpoint_file, set_global_rng_state)
-from .config import TrainConfig, run_differences
+from ..checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, MODEL_NAME, CheckpointError, load_checkpoint,
+                          save_checkpoint_file)
+from ..config import TrainConfig, run_differences
 from .diagnostics import depth_correlation, term_gradients
 from .data import BatchStream, TrainingData, fetch, open_training_data
 from .distributed import World, setup
@@ -39,7 +39,7 @@ from .guard import NonFiniteLossError
 from .objective import Objective
 from .run_folder import RunFolder, RunFolderError, prepare_run_folder
 from .run_log import RunLog
-from .streams import RandomStreams, stream_seed
+from .streams import RandomStreams, global_rng_state, set_global_rng_state, stream_seed
 
 
 def build_model(cfg: TrainConfig, meta) -> FewShotKeypointModel:

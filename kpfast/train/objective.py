@@ -36,7 +36,7 @@ from ..data.transforms import sample_transform
 from ..losses import (SMOOTH_PARTS, PerceptualLoss, equivariance_loss, few_shot_loss, part_geometry_loss,
                       reconstruction_loss, smoothness_loss, smoothness_triples)
 from ..models import patch_mask, patch_size_for
-from .config import TrainConfig
+from ..config import TrainConfig
 from .streams import RandomStreams
 
 TERMS = ("few_shot", "recon", "geo2d", "geo3d", "smooth")
