@@ -1,4 +1,4 @@
-"""The training loop: :class:`Trainer` and :func:`train`.
+"""The training loop: :class:`Trainer` and :func:`run`.
 
 A run: check and lock the run folder ``out`` (:mod:`kpfast.train.run_folder`),
 say what the run will do, open the data (generated and cached for procedural
@@ -443,7 +443,7 @@ def _fmt(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
-def train(config: Union[TrainConfig, dict, str, None] = None, **overrides: Any) -> dict:
+def run(config: Union[TrainConfig, dict, str, None] = None, **overrides: Any) -> dict:
     """Train the method end to end, evaluate it and return the metrics.
 
     Args:
@@ -460,7 +460,7 @@ def train(config: Union[TrainConfig, dict, str, None] = None, **overrides: Any) 
     Example (minutes on CPU; the README's training example runs the ``"tiny"`` preset)::
 
         import kpfast
-        metrics = kpfast.train("demo", out="runs/demo")
+        metrics = kpfast.train.run("demo", out="runs/demo")
         metrics["test"]["nme"]
     """
     if isinstance(config, str):
