@@ -112,7 +112,7 @@ def test_a_non_finite_loss_stops_the_run_naming_term_and_step(cache, tmp_path, m
     def nan_at_step_4(self, batch, step):
         terms, out = original(self, batch, step)
         if step == 3:
-            terms["geo3d"] = terms["geo3d"] * float("nan")
+            terms.geo3d = terms.geo3d * float("nan")
         return terms, out
 
     monkeypatch.setattr(Trainer, "compute_losses", nan_at_step_4)

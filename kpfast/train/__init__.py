@@ -9,9 +9,14 @@ From Python and from the command line::
     torchrun --nproc_per_node 2 -m kpfast.train --preset paper --out runs/paper
 
 Pieces: :class:`TrainConfig` and :data:`PRESETS` (:mod:`kpfast.config`), :class:`Trainer`
-(the loop), :class:`NonFiniteLossError`; the objective is in
-:mod:`kpfast.train.objective`, checkpoint files in :mod:`kpfast.checkpoint`, the
-NaN guard in :mod:`kpfast.train.guard`, run folders in :mod:`kpfast.train.run_folder`.
+(the loop: :mod:`kpfast.train.loop`), :class:`NonFiniteLossError`. A step's records are
+:class:`~kpfast.train.data.Batch`, :class:`~kpfast.models.ModelOutputs` and
+:class:`~kpfast.train.objective.LossTerms` (the objective, :mod:`kpfast.train.objective`);
+everything around the steps is a hook (:mod:`kpfast.train.hooks`): the NaN guard
+(:mod:`~kpfast.train.guard`), diagnostics (:mod:`~kpfast.train.diagnostics`), the log
+(:mod:`~kpfast.train.run_log`), the time estimate (:mod:`~kpfast.train.announce`),
+checkpoints, pictures and the evaluation (:mod:`~kpfast.train.results`). Checkpoint files
+are :mod:`kpfast.checkpoint`, run folders :mod:`kpfast.train.run_folder`.
 """
 
 from ..config import ABLATIONS, METHODS, PRESETS, TrainConfig
