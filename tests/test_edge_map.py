@@ -132,7 +132,7 @@ def test_nan_keypoint_is_not_hidden(backend):
     assert torch.equal(torch.isnan(out.cpu()), torch.isnan(ref))
 
 
-# The Triton interpreter computes bf16/fp16 arithmetic wrongly (DESIGN.md): half precision on Triton is a GPU test.
+# The Triton interpreter computes bf16/fp16 arithmetic wrongly (docs/architecture.md): half precision on Triton is a GPU test.
 @pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_return_half_outputs_close_to_float32(backend, dtype):
