@@ -137,8 +137,9 @@ class Trainer:
         self.hooks = Hooks(self.default_hooks())
 
     def default_hooks(self) -> list[Hook]:
-        """The hooks of a run, in the order they are called (:mod:`kpfast.train.hooks`); rank 0 alone
-        measures diagnostics (single process only), estimates the time, draws and evaluates."""
+        """The hooks of a run, in the order they are called (:mod:`kpfast.train.hooks`). Every rank
+        guards and checkpoints (both are collective); rank 0 alone estimates the time, draws and
+        evaluates; diagnostics are measured in single-process runs only."""
         main, every = self.world.is_main, self.cfg.diagnostics_interval
         diagnostics = [Diagnostics(self, every)] if every and not self.world.distributed else []
         pictures = [Pictures(self)] if main and self.out is not None else []
