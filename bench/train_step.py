@@ -19,8 +19,9 @@ import torch
 
 import kpfast
 from kpfast.data.skeletons import face68_meta
-from kpfast.models import build_perceptual_loss
+from kpfast.losses import build_perceptual_loss
 from kpfast.train import TrainConfig, build_model
+from kpfast.train.data import Batch
 from kpfast.train.objective import Objective
 from kpfast.train.streams import RandomStreams
 
@@ -32,7 +33,7 @@ COMPILE_SKIP = ("skipped: torch.compile of a whole training step is not benchmar
 
 
 def _perceptual_spec() -> str:
-    from kpfast.data.features import efficientnet_available
+    from kpfast.models.features import efficientnet_available
 
     return "imagenet" if efficientnet_available() else "none"
 
@@ -53,8 +54,8 @@ def _case(cfg: TrainConfig, unlabeled: int, labeled: int, name: str) -> Case:
         objective = Objective(cfg, meta, loss)
         images = torch.rand(unlabeled + labeled, 3, S, S, generator=gen)
         kp = torch.rand(labeled, K, 2, generator=gen) * 1.6 - 0.8
-        batch = {"images": images.to(device), "labeled_keypoints": kp.to(device),
-                 "labeled_mask": torch.ones(labeled, K, dtype=torch.bool, device=device)}
+        batch = Batch(images=images.to(device), labeled_keypoints=kp.to(device),
+                      labeled_mask=torch.ones(labeled, K, dtype=torch.bool, device=device))
         # parameters listed as inputs: their gradients are reset between repetitions and
         # they do not count as memory kept for backward
         params = {f"param{i}": p for i, p in enumerate(model.parameters())}

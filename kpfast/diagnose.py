@@ -41,9 +41,8 @@ from torch import Tensor
 
 from .data import collate_samples, open_dataset
 from .data.transforms import sample_transform
-from .losses import equivariance_loss, part_geometry_loss, reconstruction_loss
-from .models import ReconstructionUNet, build_perceptual_loss, patch_mask, patch_size_for
-from .nn import EdgeMap
+from .losses import build_perceptual_loss, equivariance_loss, part_geometry_loss, reconstruction_loss
+from .models import EdgeMap, ReconstructionUNet, patch_mask, patch_size_for
 
 NOISE = (0.02, 0.05, 0.1)
 """Perturbations of the true keypoints (std, normalized units; 0.05 is 1.6 px at 64 px)."""
@@ -221,7 +220,7 @@ def run(cfg, *, steps: int = 300, progress: bool = True, only=CHECKS) -> list[Ch
 
 
 def main(argv=None) -> int:
-    from .train.config import PRESETS, TrainConfig
+    from .config import PRESETS, TrainConfig
 
     p = argparse.ArgumentParser(prog="python -m kpfast.diagnose", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .train.config import RUN_FIELDS, TrainConfig
+from .config import RUN_FIELDS, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

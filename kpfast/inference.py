@@ -20,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_path
+from .config import TrainConfig
 from .data import KeypointMeta
+from .models import KeypointDetector
 
 ImageInput = Union[Tensor, np.ndarray, "PIL.Image.Image", Sequence]  # noqa: F821
 
@@ -172,12 +175,12 @@ class KeypointPredictor:
 def load(checkpoint: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu") -> KeypointPredictor:
     """A :class:`KeypointPredictor` from a run directory, ``model.pt`` or ``checkpoint.pt``.
 
-    The file is read with :func:`kpfast.train.checkpoint.load_checkpoint`: only tensors
+    The file is read with :func:`kpfast.checkpoint.load_checkpoint`: only tensors
     and plain values (loading never runs code from the file), checksum verified.
 
     Raises:
         FileNotFoundError: nothing at ``checkpoint``.
-        kpfast.train.checkpoint.CheckpointError: (a ``ValueError``) the file is unsafe,
+        kpfast.checkpoint.CheckpointError: (a ``ValueError``) the file is unsafe,
             damaged or not a kpfast model; the message names it.
 
     Example::
@@ -185,10 +188,6 @@ def load(checkpoint: Union[str, os.PathLike], *, device: Union[str, torch.device
         predictor = load("runs/demo")
         predictor.predict(torch.rand(2, 3, 200, 150)).keypoints.shape   # torch.Size([2, 68, 2])
     """
-    from .models import KeypointDetector
-    from .train.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_path
-    from .train.config import TrainConfig
-
     path = resolve_checkpoint_path(checkpoint)
     ckpt = load_checkpoint(path, map_location="cpu")  # safe: tensors and plain values only, checksum verified
     cfg = TrainConfig.from_dict(ckpt["config"])

@@ -98,18 +98,18 @@ def _tiny(tmp_path, dataset, run="run", **kw):
 
 def test_training_reports_the_test_split_and_never_tests_on_training_images(tmp_path):
     spec = _one_source("folder", tmp_path / "paws", n=30)
-    metrics = kpfast.train(_tiny(tmp_path, spec))
+    metrics = kpfast.train.run(_tiny(tmp_path, spec))
     assert "SHA-256" in metrics["test_split"] and metrics["test_split"] in (tmp_path / "run/metrics.json").read_text()
     every = open_dataset(spec, "all", image_size=32)
     n_test = sum(hashed_split(r.key) == "test" for r in every.records)
     assert (metrics["train_images"], metrics["test_images"]) == (30 - n_test, n_test)
     # the same images given as the test set: refused, not measured
     with pytest.raises(ValueError, match=r"the test split shares 30 image\(s\) with the training split"):
-        kpfast.train(_tiny(tmp_path, spec, run="run-same-images", test_dataset=spec))
+        kpfast.train.run(_tiny(tmp_path, spec, run="run-same-images", test_dataset=spec))
 
 
 def test_a_test_split_without_labels_is_refused(tmp_path):
     spec = _one_source("folder", tmp_path / "paws", n=12)
     other = write_folder(tmp_path / "other", ["p.png", "test/q.png"], {"p.png": [(8, 20), None, None]})
     with pytest.raises(ValueError, match=r"the test split \(1 images; .*\) has no labelled keypoint"):
-        kpfast.train(_tiny(tmp_path, spec, test_dataset=f"folder:{other}"))
+        kpfast.train.run(_tiny(tmp_path, spec, test_dataset=f"folder:{other}"))

@@ -10,7 +10,7 @@ import torch
 
 import kpfast
 from kpfast.backend import interpreting_triton
-from kpfast.nn import all_pairs
+from kpfast.data.skeletons import all_pairs
 from kpfast.reference import edge_map_reference
 
 from _util import (FACTORIES, HOST_READS, assert_close, calls_from_kpfast, device_for, fresh_generator,
@@ -163,7 +163,7 @@ def test_nan_input_gives_the_references_nan_pixels_and_gradients(backend, nan_ru
     assert not torch.isnan(got[0][0, [0, 1, 4]]).any(), "NaN reached keypoints of finite edges"
 
 
-# The Triton interpreter computes bf16/fp16 arithmetic wrongly (DESIGN.md): half precision on Triton is a GPU test.
+# The Triton interpreter computes bf16/fp16 arithmetic wrongly (docs/architecture.md): half precision on Triton is a GPU test.
 @pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_return_half_outputs_close_to_float32(backend, dtype):

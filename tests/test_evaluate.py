@@ -8,8 +8,6 @@ import torch
 from kpfast.data import KeypointMeta
 from kpfast.evaluate import MetricAccumulator, evaluate
 
-from _util import fresh_generator
-
 META = KeypointMeta("toy", ["a", "b", "c"], normalizer=(0, 1))
 BOX = torch.tensor([[-0.5, -0.5, 0.5, 0.3]])  # longer side 1.0
 
@@ -49,7 +47,8 @@ def test_unlabelled_keypoints_are_ignored_and_pck_counts_visible_ones_only():
 
 def test_without_a_normalizer_nme_uses_the_longer_box_side():
     meta = KeypointMeta("toy", ["a", "b"])
-    gen, seed = fresh_generator()
+    seed = 31
+    gen = torch.Generator().manual_seed(seed)
     gt = torch.rand(4, 2, 2, generator=gen) - 0.5
     err = torch.rand(4, 2, generator=gen) * 0.1
     pred = gt + torch.stack([err, torch.zeros_like(err)], -1)
@@ -61,7 +60,8 @@ def test_without_a_normalizer_nme_uses_the_longer_box_side():
 
 
 def test_metrics_do_not_depend_on_batching():
-    gen, seed = fresh_generator()
+    seed = 32
+    gen = torch.Generator().manual_seed(seed)
     gt = torch.rand(10, 3, 2, generator=gen) - 0.5
     pred = gt + 0.1 * torch.randn(10, 3, 2, generator=gen)
     vis = torch.rand(10, 3, generator=gen) > 0.3
@@ -141,3 +141,20 @@ def test_shape_baselines_score_the_mean_shape_and_its_oracle_placement():
     assert r["fitted_mean_shape"]["nme"] == pytest.approx(0.0, abs=1e-4)
     assert r["mean_shape"]["nme"] > 10.0  # the second test shape is moved, turned and shrunk
     assert r["fitted_mean_shape"]["spread"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_sanity_baseline_reports_the_nme_of_kpfast_evaluate(tmp_path, capsys):
+    """One NME definition: a category without a normalizer pair (cars) is scored on the box's longer side."""
+    import re
+
+    from kpfast import sanity_baseline
+    from kpfast.data import open_dataset
+
+    sanity_baseline.main(["--category", "car", "--shots", "2", "--iters", "0", "--test-size", "8",
+                          "--image-size", "32", "--cache-dir", str(tmp_path)])
+    reported = float(re.search(r"test NME ([0-9.]+) %", capsys.readouterr().out).group(1))
+    test = open_dataset("car", "test", size=8, image_size=32, cache_dir=str(tmp_path), progress=False)
+    assert test.meta.normalizer is None
+    torch.manual_seed(0)  # the untrained network main() evaluated (--iters 0, --seed 0)
+    net = sanity_baseline.TinyRegressor(test.meta.num_keypoints)
+    assert reported == round(evaluate(net, test)["nme"], 1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kpfast
-from kpfast.nn import all_pairs
+from kpfast.data.skeletons import all_pairs
 from kpfast.reference import edge_map_reference
 
 from _util import fresh_generator

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kpfast
-from kpfast.nn import all_pairs
+from kpfast.data.skeletons import all_pairs
 
 from _util import fresh_generator
 

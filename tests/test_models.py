@@ -6,17 +6,17 @@ import sys
 import pytest
 import torch
 
+from kpfast.losses import PerceptualLoss, build_perceptual_loss, load_feature_module
+from kpfast.models import FewShotKeypointModel, KeypointDetector, ReconstructionUNet, patch_mask, patch_size_for
 from kpfast.models.blocks import StridedPointwiseConv
-from kpfast.models import (FewShotKeypointModel, KeypointDetector, PerceptualLoss, ReconstructionUNet,
-                           build_perceptual_loss, load_feature_module, patch_mask, patch_size_for)
 from kpfast.reference import pixel_centers
 from kpfast.safe_load import LoadError
 
-from _util import fresh_generator
 
 
 def test_detector_shapes_and_ranges():
-    gen, seed = fresh_generator()
+    seed = 21
+    gen = torch.Generator().manual_seed(seed)
     det = KeypointDetector(7, widths=(8, 16, 32), up_widths=(16,), depth_scale=5.0)
     out = det(torch.rand(3, 3, 64, 64, generator=gen))
     assert out.keypoints.shape == (3, 7, 2) and out.uncertainty.shape == (3, 7) and out.depth.shape == (3, 7)
@@ -28,7 +28,8 @@ def test_detector_shapes_and_ranges():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_strided_pointwise_conv_is_a_strided_1x1_convolution(channels_last):
-    gen, seed = fresh_generator()
+    seed = 22
+    gen = torch.Generator().manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     ours = StridedPointwiseConv(3, 5, 2, bias=True).double().to(memory_format=fmt)
     plain = torch.nn.Conv2d(3, 5, 1, 2).double()
@@ -64,7 +65,8 @@ def test_detector_trains_channels_last_at_128_pixels():
 
 def test_detector_readouts_are_softmax_expectations_of_its_maps():
     """Keypoint, uncertainty and depth all use the same softmax weights (Eqs. 1, 4)."""
-    gen, seed = fresh_generator()
+    seed = 23
+    gen = torch.Generator().manual_seed(seed)
     det = KeypointDetector(2, widths=(8,), up_widths=(), depth_scale=3.0, norm="none")
     captured = {}
     det.head.register_forward_hook(lambda m, i, o: captured.setdefault("maps", o.detach()))
@@ -101,7 +103,8 @@ def test_detector_rejects_bad_input():
 
 
 def test_unet_output_shape_range_and_gradients():
-    gen, seed = fresh_generator()
+    seed = 24
+    gen = torch.Generator().manual_seed(seed)
     net = ReconstructionUNet((8, 16, 32))
     x = torch.rand(2, 4, 32, 32, generator=gen, requires_grad=True)
     y = net(x)
@@ -113,7 +116,8 @@ def test_unet_output_shape_range_and_gradients():
 
 
 def test_patch_mask_masks_exactly_the_requested_share_of_whole_patches():
-    gen, seed = fresh_generator()
+    seed = 25
+    gen = torch.Generator().manual_seed(seed)
     S = 64
     p = patch_size_for(S)
     images = torch.rand(5, 3, S, S, generator=gen) + 0.1
@@ -127,18 +131,19 @@ def test_patch_mask_masks_exactly_the_requested_share_of_whole_patches():
 
 
 def test_full_model_runs_all_networks_in_one_forward():
-    gen, seed = fresh_generator()
+    seed = 26
+    gen = torch.Generator().manual_seed(seed)
     m = FewShotKeypointModel(4, [(0, 1), (1, 2), (2, 3)], 32, detector_widths=(8, 16), detector_up_widths=(8,),
                              unet_widths=(8, 16))
     x = torch.rand(3, 3, 32, 32, generator=gen)
     out = m(x, transformed=torch.rand(3, 3, 32, 32, generator=gen), masked=x * 0)
-    assert out["detections"].keypoints.shape == (3, 4, 2) == out["detections_transformed"].keypoints.shape
-    assert out["edge_map"].shape == (3, 1, 32, 32) and out["reconstruction"].shape == (3, 3, 32, 32)
+    assert out.detections.keypoints.shape == (3, 4, 2) == out.detections_transformed.keypoints.shape
+    assert out.edge_map.shape == (3, 1, 32, 32) and out.reconstruction.shape == (3, 3, 32, 32)
     # the edge map depends on the uncertainty readout unless it is switched off
-    e1 = m(x, masked=x * 0)["edge_map"]
-    e0 = m(x, masked=x * 0, use_uncertainty=False)["edge_map"]
+    e1 = m(x, masked=x * 0).edge_map
+    e0 = m(x, masked=x * 0, use_uncertainty=False).edge_map
     assert not torch.allclose(e1, e0)
-    out["reconstruction"].mean().backward()
+    out.reconstruction.mean().backward()
     assert m.detector.head.weight.grad.abs().sum() > 0, "reconstruction gradients reach the detector"
     assert m.edge_map.theta.grad is not None
 
@@ -152,7 +157,8 @@ def test_autolink_graph_learns_one_weight_per_pair():
 
 
 def test_perceptual_loss_backbones(tmp_path):
-    gen, seed = fresh_generator()
+    seed = 27
+    gen = torch.Generator().manual_seed(seed)
     assert build_perceptual_loss("none") is None
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
     loss = PerceptualLoss(module, "custom")
@@ -174,7 +180,7 @@ def test_perceptual_loss_backbones(tmp_path):
 
 def test_an_efficientnet_state_dict_is_a_perceptual_backbone(tmp_path):
     pytest.importorskip("efficientnet_lite_pytorch")
-    from kpfast.data.features import imagenet_backbone
+    from kpfast.models.features import imagenet_backbone
 
     torch.save(imagenet_backbone(pretrained=False).net.state_dict(), tmp_path / "lite0.pt")
     loss = build_perceptual_loss(str(tmp_path / "lite0.pt"))

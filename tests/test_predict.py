@@ -16,7 +16,7 @@ from kpfast.train import TrainConfig
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    kpfast.train(TrainConfig.from_preset("tiny", out=str(out), iterations=2,
+    kpfast.train.run(TrainConfig.from_preset("tiny", out=str(out), iterations=2,
                                          cache_dir=str(tmp_path_factory.mktemp("cache"))))
     return out
 

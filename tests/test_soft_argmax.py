@@ -499,7 +499,7 @@ def test_a_sequence_of_readouts_is_never_stacked(backend, monkeypatch):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-# The Triton interpreter computes bf16/fp16 arithmetic wrongly (DESIGN.md): half precision on Triton is a GPU test.
+# The Triton interpreter computes bf16/fp16 arithmetic wrongly (docs/architecture.md): half precision on Triton is a GPU test.
 @pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_return_half_outputs_close_to_float32(backend, dtype):

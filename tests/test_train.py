@@ -9,7 +9,7 @@ import torch
 
 import kpfast
 from kpfast.train import NonFiniteLossError, TrainConfig, Trainer
-from kpfast.train.checkpoint import load_checkpoint
+from kpfast.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +26,18 @@ def _rows(out):
         return list(csv.DictReader(f))
 
 
-def test_kpfast_train_is_callable_and_a_module():
+def test_kpfast_train_is_a_plain_module_whose_run_trains():
     import importlib
+    import types
 
     mod = importlib.import_module("kpfast.train")
-    assert kpfast.train is mod and callable(kpfast.train)
-    assert mod.TrainConfig is TrainConfig
+    assert kpfast.train is mod and type(mod) is types.ModuleType and not callable(mod)
+    assert mod.TrainConfig is TrainConfig and callable(mod.run)
 
 
 def test_short_run_on_the_procedural_face_reduces_the_loss(cache, tmp_path):
     cfg = tiny(cache, tmp_path, iterations=60, lr=5e-3, checkpoint_every=60)
-    metrics = kpfast.train(cfg)
+    metrics = kpfast.train.run(cfg)
     rows = _rows(tmp_path)
     assert len(rows) == 60
     first = sum(float(r["few_shot"]) for r in rows[:5]) / 5
@@ -67,7 +68,7 @@ def _params(path):
 
 def test_resume_continues_bit_for_bit(cache, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
-    kpfast.train(tiny(cache, straight, iterations=6, checkpoint_every=3))
+    kpfast.train.run(tiny(cache, straight, iterations=6, checkpoint_every=3))
 
     interrupted = tmp_path / "interrupted"
     original = Trainer.train_step
@@ -79,10 +80,10 @@ def test_resume_continues_bit_for_bit(cache, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "train_step", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
-        kpfast.train(tiny(cache, interrupted, iterations=6, checkpoint_every=3))
+        kpfast.train.run(tiny(cache, interrupted, iterations=6, checkpoint_every=3))
     assert load_checkpoint(interrupted / "checkpoint.pt")["step"] == 3
     monkeypatch.setattr(Trainer, "train_step", original)
-    metrics = kpfast.train(tiny(cache, interrupted, iterations=6, checkpoint_every=3, resume=True))
+    metrics = kpfast.train.run(tiny(cache, interrupted, iterations=6, checkpoint_every=3, resume=True))
     assert metrics["resumed_from"] == 3
 
     a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(interrupted / "checkpoint.pt")
@@ -100,9 +101,9 @@ def test_resume_continues_bit_for_bit(cache, tmp_path, monkeypatch):
 
 
 def test_resume_refuses_a_different_config(cache, tmp_path):
-    kpfast.train(tiny(cache, tmp_path, iterations=2))
+    kpfast.train.run(tiny(cache, tmp_path, iterations=2))
     with pytest.raises(ValueError, match="lr"):
-        kpfast.train(tiny(cache, tmp_path, iterations=2, lr=5e-4, resume=True))
+        kpfast.train.run(tiny(cache, tmp_path, iterations=2, lr=5e-4, resume=True))
 
 
 def test_a_non_finite_loss_stops_the_run_naming_term_and_step(cache, tmp_path, monkeypatch):
@@ -111,12 +112,12 @@ def test_a_non_finite_loss_stops_the_run_naming_term_and_step(cache, tmp_path, m
     def nan_at_step_4(self, batch, step):
         terms, out = original(self, batch, step)
         if step == 3:
-            terms["geo3d"] = terms["geo3d"] * float("nan")
+            terms.geo3d = terms.geo3d * float("nan")
         return terms, out
 
     monkeypatch.setattr(Trainer, "compute_losses", nan_at_step_4)
     with pytest.raises(NonFiniteLossError, match=r"step 4: 'geo3d' = nan.*checkpoint"):
-        kpfast.train(tiny(cache, tmp_path, iterations=6, checkpoint_every=2))
+        kpfast.train.run(tiny(cache, tmp_path, iterations=6, checkpoint_every=2))
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 2, "the last good checkpoint is kept, nothing is written after the NaN"
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
@@ -128,7 +129,7 @@ def test_a_non_finite_loss_stops_the_run_naming_term_and_step(cache, tmp_path, m
     ("full", ("uncertainty", "kmeans")),
 ])
 def test_methods_and_ablations_train_the_right_terms(cache, tmp_path, method, without):
-    metrics = kpfast.train(tiny(cache, tmp_path, iterations=2, method=method, without=without))
+    metrics = kpfast.train.run(tiny(cache, tmp_path, iterations=2, method=method, without=without))
     row = _rows(tmp_path)[0]
     diagnostics = {k for k in row if k.startswith(("grad_", "align_"))} | {"certainty", "depth_corr", "alpha", "sigma2"}
     terms = set(row) - {"step", "total", "strength", "lr"} - diagnostics
@@ -142,8 +143,8 @@ def test_methods_and_ablations_train_the_right_terms(cache, tmp_path, method, wi
 
 
 def test_reference_ops_give_the_same_first_steps_as_the_fused_ones(cache, tmp_path):
-    a = kpfast.train(tiny(cache, tmp_path / "fused", iterations=2, ops="fused"))
-    b = kpfast.train(tiny(cache, tmp_path / "reference", iterations=2, ops="reference"))
+    a = kpfast.train.run(tiny(cache, tmp_path / "fused", iterations=2, ops="fused"))
+    b = kpfast.train.run(tiny(cache, tmp_path / "reference", iterations=2, ops="reference"))
     assert b["ops"] == "reference"
     ra, rb = _rows(tmp_path / "fused"), _rows(tmp_path / "reference")
     for k in ("few_shot", "recon", "geo2d", "geo3d"):

@@ -11,7 +11,7 @@ import shlex
 
 from kpfast.train import TrainConfig
 from kpfast.train.cli import command_line, config_from_args, main, parser
-from kpfast.train.config import RUN_FIELDS
+from kpfast.config import RUN_FIELDS
 
 
 def _run(args, tmp_path, **kw):

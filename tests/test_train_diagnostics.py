@@ -8,7 +8,7 @@ import torch
 
 import kpfast
 from kpfast.train import TrainConfig
-from kpfast.train.checkpoint import load_checkpoint
+from kpfast.checkpoint import load_checkpoint
 from kpfast.train.diagnostics import depth_correlation, term_gradients
 
 
@@ -42,7 +42,7 @@ def test_diagnostics_do_not_change_the_training(cache, tmp_path):
     def run(out, every):
         cfg = TrainConfig.from_preset("tiny", cache_dir=cache, out=str(out), iterations=3, checkpoint_every=3,
                                       diagnostics_every=every)
-        kpfast.train(cfg)
+        kpfast.train.run(cfg)
         with open(out / "log.csv", newline="") as f:
             return load_checkpoint(out / "checkpoint.pt")["model"], list(csv.DictReader(f))
 

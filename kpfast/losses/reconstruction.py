@@ -6,7 +6,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..models.perceptual import PerceptualLoss
+from .perceptual import PerceptualLoss
 
 
 def reconstruction_loss(reconstruction: Tensor, target: Tensor,

@@ -8,7 +8,7 @@ and the raw depth readout; the depth used by the 3D loss is
 ``tanh(readout / depth_scale)`` (a re-implementation's choice that the authors
 confirmed: depth divided by a large number).
 
-Architecture ((AL)/(RI) in PAPER.md): ``len(widths)`` stride-2 residual blocks (128 px -> 8x8 with the default four), ``len(up_widths)``
+Architecture (AutoLink's code and a public re-implementation of the paper): ``len(widths)`` stride-2 residual blocks (128 px -> 8x8 with the default four), ``len(up_widths)``
 x2 bilinear upsampling blocks (8x8 -> 32x32 with the default two) and a 1x1
 convolution to 3K channels. The heatmaps are ``S * 2**(len(up_widths) - len(widths))``
 pixels wide.
@@ -59,7 +59,7 @@ class KeypointDetector(nn.Module):
         widths: channels of the stride-2 residual blocks (each halves the resolution).
         up_widths: channels of the x2 upsampling blocks.
         stem_width: channels of an optional full-resolution 3x3 stem before the residual
-            blocks (0, the default: none, as in (AL)/(RI)).
+            blocks (0, the default: none, as in AutoLink's code and the re-implementation).
         norm: ``"batch"``, ``"group"`` or ``"none"``.
         depth_scale: the depth readout is squashed as ``tanh(readout / depth_scale)``.
         beta: soft-argmax inverse temperature.

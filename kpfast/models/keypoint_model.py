@@ -7,16 +7,37 @@ per backward).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..nn import EdgeMap, all_pairs
+from ..data.skeletons import all_pairs
 from .detector import Detections, KeypointDetector
+from .edge_map import EdgeMap
 from .unet import ReconstructionUNet
 
 GRAPHS = ("skeleton", "all-pairs")
+
+
+@dataclass
+class ModelOutputs:
+    """What :class:`FewShotKeypointModel` computes for a batch of ``B`` images of side ``S``.
+
+    Attributes:
+        detections: the :class:`Detections` on the images.
+        detections_transformed: the :class:`Detections` on the transformed images (or None).
+        edge_map: ``[B, 1, S, S]`` the edge map of ``detections`` (or None).
+        reconstruction: ``[B, 3, S, S]`` the UNet's image from the edge map and ``masked`` (or None).
+        masked: ``[B, 3, S, S]`` the patch-masked images the UNet saw (or None).
+    """
+
+    detections: Detections
+    detections_transformed: Optional[Detections] = None
+    edge_map: Optional[Tensor] = None
+    reconstruction: Optional[Tensor] = None
+    masked: Optional[Tensor] = None
 
 
 class FewShotKeypointModel(nn.Module):
@@ -37,7 +58,7 @@ class FewShotKeypointModel(nn.Module):
         >>> m = FewShotKeypointModel(3, [(0, 1), (1, 2)], 32, detector_widths=(8, 16),
         ...                          detector_up_widths=(8,), unet_widths=(8, 16))
         >>> out = m(torch.rand(2, 3, 32, 32), masked=torch.rand(2, 3, 32, 32))
-        >>> out["detections"].keypoints.shape, out["edge_map"].shape, out["reconstruction"].shape
+        >>> out.detections.keypoints.shape, out.edge_map.shape, out.reconstruction.shape
         (torch.Size([2, 3, 2]), torch.Size([2, 1, 32, 32]), torch.Size([2, 3, 32, 32]))
     """
 
@@ -66,7 +87,7 @@ class FewShotKeypointModel(nn.Module):
             self.unet = ReconstructionUNet(unet_widths, norm=norm)
 
     def forward(self, images: Tensor, *, transformed: Optional[Tensor] = None, masked: Optional[Tensor] = None,
-                use_uncertainty: bool = True) -> dict:
+                use_uncertainty: bool = True) -> ModelOutputs:
         """Run the networks one training step needs.
 
         Args:
@@ -78,9 +99,7 @@ class FewShotKeypointModel(nn.Module):
             use_uncertainty: feed the uncertainty readout to the edge map.
 
         Returns:
-            dict with ``detections`` (:class:`Detections` on ``images``),
-            ``detections_transformed`` (on ``transformed``, or None), ``edge_map``
-            ``[B, 1, S, S]`` and ``reconstruction`` ``[B, 3, S, S]`` (or None).
+            :class:`ModelOutputs` (edge map and reconstruction when ``masked`` is given).
         """
         B = images.shape[0]
         batch = images if transformed is None else torch.cat([images, transformed])
@@ -89,12 +108,11 @@ class FewShotKeypointModel(nn.Module):
         if transformed is not None:
             own = Detections(*(getattr(det, f)[:B] for f in Detections.__dataclass_fields__))
             other = Detections(*(getattr(det, f)[B:] for f in Detections.__dataclass_fields__))
-        out = {"detections": own, "detections_transformed": other, "edge_map": None, "reconstruction": None}
+        out = ModelOutputs(detections=own, detections_transformed=other, masked=masked)
         if masked is not None:
             if self.unet is None:
                 raise ValueError("this model was built without the reconstruction UNet")
             unc = own.uncertainty if use_uncertainty and self.graph == "skeleton" else None
-            edge = self.edge_map(own.keypoints, unc).unsqueeze(1)
-            out["edge_map"] = edge
-            out["reconstruction"] = self.unet(torch.cat([edge, masked], 1))
+            out.edge_map = self.edge_map(own.keypoints, unc).unsqueeze(1)
+            out.reconstruction = self.unet(torch.cat([out.edge_map, masked], 1))
         return out

@@ -1,33 +1,25 @@
 """``kpfast.train``: the few-shot, geometry-aware training method end to end.
 
-Callable as a function and runnable as a module::
+From Python and from the command line::
 
     import kpfast
-    metrics = kpfast.train("demo", out="runs/demo")          # kpfast.train(config, **overrides)
+    metrics = kpfast.train.run("demo", out="runs/demo")          # run(config, **overrides)
 
     python -m kpfast.train --preset demo --out runs/demo
     torchrun --nproc_per_node 2 -m kpfast.train --preset paper --out runs/paper
 
-Pieces: :class:`TrainConfig` and :data:`PRESETS` (config), :class:`Trainer`
-(the loop), :class:`NonFiniteLossError`; the objective is in
-:mod:`kpfast.train.objective`, checkpoints in :mod:`kpfast.train.checkpoint`, the
-NaN guard in :mod:`kpfast.train.guard`, run folders in :mod:`kpfast.train.run_folder`.
+Pieces: :class:`TrainConfig` and :data:`PRESETS` (:mod:`kpfast.config`), :class:`Trainer`
+(the loop: :mod:`kpfast.train.loop`), :class:`NonFiniteLossError`. A step's records are
+:class:`~kpfast.train.data.Batch`, :class:`~kpfast.models.ModelOutputs` and
+:class:`~kpfast.train.objective.LossTerms` (the objective, :mod:`kpfast.train.objective`);
+everything around the steps is a hook (:mod:`kpfast.train.hooks`): the NaN guard
+(:mod:`~kpfast.train.guard`), diagnostics (:mod:`~kpfast.train.diagnostics`), the log
+(:mod:`~kpfast.train.run_log`), the time estimate (:mod:`~kpfast.train.announce`),
+checkpoints, pictures and the evaluation (:mod:`~kpfast.train.results`). Checkpoint files
+are :mod:`kpfast.checkpoint`, run folders :mod:`kpfast.train.run_folder`.
 """
 
-import sys as _sys
-import types as _types
+from ..config import ABLATIONS, METHODS, PRESETS, TrainConfig
+from .loop import NonFiniteLossError, Trainer, build_model, run
 
-from .config import ABLATIONS, METHODS, PRESETS, TrainConfig
-from .loop import NonFiniteLossError, Trainer, build_model, train
-
-__all__ = ["train", "TrainConfig", "PRESETS", "METHODS", "ABLATIONS", "Trainer", "NonFiniteLossError", "build_model"]
-
-
-class _CallableModule(_types.ModuleType):
-    """Makes ``kpfast.train(...)`` call :func:`train` while ``kpfast.train`` stays this package."""
-
-    def __call__(self, config=None, **overrides):
-        return train(config, **overrides)
-
-
-_sys.modules[__name__].__class__ = _CallableModule
+__all__ = ["run", "TrainConfig", "PRESETS", "METHODS", "ABLATIONS", "Trainer", "NonFiniteLossError", "build_model"]

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import datetime
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
+from .hooks import Hook
+
+if TYPE_CHECKING:
+    from .loop import Trainer
 
 
 def describe_run(cfg: TrainConfig, device: torch.device, world_size: int, resume_step: Optional[int] = None) -> str:
@@ -69,3 +73,19 @@ class StepClock:
         return (f"kpfast train: {per_step:.3g} s per step (steps {self.begin_at + 1}-{self.end_at}): about "
                 f"{format_duration(left)} for the remaining {self.total - step} steps, until about "
                 f"{done:%a %H:%M}, plus evaluation")
+
+
+class TimeEstimate(Hook):
+    """Says, once, how long the rest of the run will take (:class:`StepClock`), through the run's log."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.clock: Optional[StepClock] = None
+
+    def before_train(self) -> None:
+        self.clock = StepClock(self.trainer.cfg.iterations, self.trainer.step)
+
+    def after_step(self, step: int, scalars: dict[str, float]) -> None:
+        estimate = self.clock.after_step(step)
+        if estimate:
+            self.trainer.log.message(estimate)

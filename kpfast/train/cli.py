@@ -30,7 +30,7 @@ import dataclasses
 import sys
 import typing
 
-from .config import ABLATIONS, METHODS, OPS, PRESETS, RUN_FIELDS, TrainConfig
+from ..config import ABLATIONS, METHODS, OPS, PRESETS, RUN_FIELDS, TrainConfig
 
 # fields with an option of their own that --set would be silently overridden by
 OWN_OPTION_FIELDS = {"preset": "--preset", "out": "--out", "resume": "--resume", "overwrite": "--overwrite"}

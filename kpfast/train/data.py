@@ -1,17 +1,19 @@
-"""The data side of a run: datasets, the few-shot labelled set, resumable batch streams."""
+"""The data side of a run: datasets, the few-shot labelled set, resumable batch streams, the batch record."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..data import KeypointMeta, collate_samples, open_dataset
 from ..data.few_shot import labeled_counts, select_few_shot
-from .config import TrainConfig
+from ..models.features import resolve_extractor
+from ..config import TrainConfig
 from .distributed import World
 from .streams import stream_seed
 
@@ -87,10 +89,10 @@ def select_labeled(train, cfg: TrainConfig, *, progress: bool = False) -> tuple[
     every = len(candidates) == len(train)
     among = "" if every else f" among the {len(candidates)} labelled images"
     if cfg.uses("kmeans"):
-        idx, info = select_few_shot(train, cfg.shots, features=cfg.few_shot_features,
-                                    seed=stream_seed(cfg.seed, "selection"),
-                                    progress=progress, return_info=True, candidates=None if every else candidates)
-        return [int(i) for i in idx], f"k-means over {info['features']}{among}"
+        features, description = resolve_extractor(cfg.few_shot_features)
+        idx = select_few_shot(train, cfg.shots, features=features, seed=stream_seed(cfg.seed, "selection"),
+                              progress=progress, candidates=None if every else candidates)
+        return [int(i) for i in idx], f"k-means over {description}{among}"
     g = torch.Generator().manual_seed(stream_seed(cfg.seed, "selection"))
     perm = torch.randperm(len(candidates), generator=g)[:cfg.shots].tolist()
     return [candidates[i] for i in perm], f"random (seed {cfg.seed}){among}"
@@ -150,3 +152,48 @@ def fetch(dataset, indices: Sequence[int], device: torch.device) -> dict:
     """Stack the samples ``indices`` of ``dataset`` into a batch dict on ``device``."""
     batch = collate_samples([dataset[int(i)] for i in indices])
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@dataclass
+class Truth:
+    """Every image's annotation in a :class:`Batch`, read only by the diagnostics, never by a loss.
+
+    Attributes:
+        keypoints: ``[B, K, 2]``.
+        labeled: ``[B, K]`` bool: the keypoint carries a label.
+        depth: ``[B, K]`` true depth (NaN where unknown: real data).
+        unlabeled: ``[B]`` bool: the image came from the unlabelled stream.
+    """
+
+    keypoints: Tensor
+    labeled: Tensor
+    depth: Tensor
+    unlabeled: Tensor
+
+
+@dataclass
+class Batch:
+    """One training step's images: ``U`` unlabelled images followed by the ``L`` labelled ones.
+
+    Attributes:
+        images: ``[U + L, 3, S, S]`` in ``[0, 1]``.
+        labeled_keypoints: ``[L, K, 2]``: the labels of the last ``L`` images.
+        labeled_mask: ``[L, K]`` bool: which of them are labelled.
+        truth: the annotation of all ``U + L`` images, for the diagnostics (None: not known).
+    """
+
+    images: Tensor
+    labeled_keypoints: Tensor
+    labeled_mask: Tensor
+    truth: Optional[Truth] = None
+
+
+def training_batch(dataset, unlabeled: Sequence[int], labeled: Sequence[int], device: torch.device) -> Batch:
+    """The :class:`Batch` of the images ``unlabeled`` (may be empty) and ``labeled`` of ``dataset``."""
+    lab = fetch(dataset, labeled, device)
+    parts = [fetch(dataset, unlabeled, device), lab] if len(unlabeled) else [lab]
+    cat = lambda key: torch.cat([p[key] for p in parts])  # noqa: E731
+    first_labeled = len(unlabeled)
+    truth = Truth(keypoints=cat("keypoints"), labeled=cat("labeled"), depth=cat("depth"),
+                  unlabeled=torch.arange(first_labeled + len(labeled), device=device) < first_labeled)
+    return Batch(images=cat("image"), labeled_keypoints=lab["keypoints"], labeled_mask=lab["labeled"], truth=truth)

@@ -1,6 +1,6 @@
 """What each loss term does to the keypoints, measured in place during training.
 
-Every ``diagnostics_every`` steps the trainer logs, next to the losses:
+Every ``diagnostics_every`` steps the :class:`Diagnostics` hook adds to the step's log row:
 
 - ``grad_<term>``: the RMS over keypoints of the gradient of the *weighted* term with
   respect to the detected keypoints of the step's images (how hard the term pulls);
@@ -23,10 +23,18 @@ exactly that (cosine ~0.01 at 3x the 2D term's gradient).
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import torch
 from torch import Tensor
+
+from .hooks import Hook
+
+if TYPE_CHECKING:
+    from ..models import ModelOutputs
+    from .data import Batch
+    from .loop import Trainer
+    from .objective import LossTerms
 
 
 def term_gradients(terms: Mapping[str, Tensor], weights: Mapping[str, float], keypoints: Tensor,
@@ -90,3 +98,30 @@ def depth_correlation(predicted: Tensor, true: Tensor, known: Tensor) -> float:
         if den > 1e-12:
             vals.append(float((p * t).sum()) / den)
     return sum(vals) / len(vals) if vals else math.nan
+
+
+class Diagnostics(Hook):
+    """Every ``every`` steps (counted from 1): the scalars of the module docstring, measured on the
+    step's graph before its backward pass and added to its log row."""
+
+    def __init__(self, trainer: Trainer, every: int):
+        self.trainer, self.every = trainer, every
+        self.measured: dict[str, float] = {}
+
+    def after_loss(self, step: int, batch: Batch, terms: LossTerms, outputs: ModelOutputs) -> None:
+        self.measured = self.measure(terms, outputs, batch) if (step + 1) % self.every == 0 else {}
+
+    def after_step(self, step: int, scalars: dict[str, float]) -> None:
+        scalars.update(self.measured)
+
+    def measure(self, terms: LossTerms, outputs: ModelOutputs, batch: Batch) -> dict[str, float]:
+        det, truth, edge_map = outputs.detections, batch.truth, self.trainer.model.edge_map
+        unlabeled_known = truth.labeled & truth.unlabeled[:, None]
+        scalars = term_gradients(terms.as_dict(), self.trainer.objective.weights, det.keypoints, truth.keypoints,
+                                 unlabeled_known)
+        scalars["certainty"] = float(torch.sigmoid(det.uncertainty.detach()).mean())
+        scalars["depth_corr"] = depth_correlation(det.depth, truth.depth, truth.labeled)
+        if edge_map is not None:
+            scalars["alpha"] = float(edge_map.alpha.detach().mean())
+            scalars["sigma2"] = float(edge_map.sigma2.detach())
+        return scalars

@@ -1,6 +1,8 @@
 """The NaN guard: nothing non-finite reaches the weights or a checkpoint.
 
-Three checks, each stopping the run with :class:`NonFiniteLossError`:
+Three checks, each stopping the run with :class:`NonFiniteLossError` (on every rank,
+naming the last good checkpoint); :class:`NaNGuard` makes them, the first two as a
+hook inside every step, the third for the checkpoint hook:
 
 - the loss terms of a step, before its backward pass (names the term and its value);
 - the gradients and parameters after the backward pass, before the optimizer step:
@@ -13,10 +15,19 @@ Three checks, each stopping the run with :class:`NonFiniteLossError`:
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import math
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import torch
 from torch import nn
+
+from .hooks import Hook
+from .streams import RandomStreams
+
+if TYPE_CHECKING:
+    from .data import Batch
+    from .loop import Trainer
+    from .objective import LossTerms
 
 TERM_SETTINGS = {
     "few_shot": ("w_few_shot",),
@@ -106,3 +117,49 @@ def explain_update(step: int, model: nn.Module, cfg, replay) -> str:
     term, param = found
     return (f"the gradient of loss term '{term}' is not finite at step {step + 1} (first in parameter '{param}'), "
             f"though its value {float(terms[term].detach()):.6g} is; check its settings: {settings_of(term, cfg)}")
+
+
+class NaNGuard(Hook):
+    """The guard of a run (see the module docstring): a hook on the loss terms (``after_loss``)
+    and the gradients (``after_backward``), and :meth:`check_state` before a checkpoint."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def after_loss(self, step: int, batch: Batch, terms: LossTerms, outputs) -> None:
+        """Stop if a loss term is NaN or infinite (before the backward pass)."""
+        bad = {k: float(v.detach()) for k, v in terms.as_dict().items() if not math.isfinite(float(v.detach()))}
+        if self.trainer.world.all_true(not bad):
+            return
+        names = ", ".join(f"'{k}' = {v}" for k, v in bad.items()) or "a term on another process"
+        self.stop(f"non-finite loss at step {step + 1}: {names}")
+
+    def after_backward(self, step: int, batch: Batch) -> None:
+        """Stop unless every gradient and parameter is finite (before the optimizer step), naming the
+        first term whose gradient is not: the step is replayed from ``batch`` and the random streams'
+        state it started from (:meth:`Trainer.compute_losses <kpfast.train.loop.Trainer.compute_losses>`)."""
+        tr = self.trainer
+        params = list(tr.model.parameters())
+        if tr.world.all_true(all_finite([p.grad for p in params] + params)):
+            return
+
+        def replay():
+            streams = RandomStreams(tr.cfg.seed, tr.world.rank)
+            streams.load_state_dict(tr.step_random_state)
+            return tr.objective(tr.model, batch, step, streams)[0].as_dict(), tr.objective.weights
+
+        self.stop(explain_update(step, tr.model, tr.cfg, replay))
+
+    def check_state(self, when: str) -> None:
+        """Stop if a parameter or optimizer state is not finite; ``when`` ends the message."""
+        tr = self.trainer
+        problem = explain_state(tr.model, tr.optimizer, tr.cfg)
+        if not tr.world.all_true(problem is None):
+            self.stop(f"{problem or 'a parameter on another process is not finite'} {when}")
+
+    def stop(self, reason: str) -> None:
+        """Raise :class:`NonFiniteLossError`: ``reason``, and where the last good checkpoint is."""
+        path = self.trainer.checkpoint_path()
+        where = f"the last good checkpoint is {path}" if path is not None and path.exists() else \
+            "no checkpoint was written yet"
+        raise NonFiniteLossError(f"{reason}; training stopped, {where}")

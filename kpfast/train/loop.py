@@ -1,20 +1,18 @@
-"""The training loop: :class:`Trainer` and :func:`train`.
+"""The training loop: :class:`Trainer` and :func:`run`.
 
 A run: check and lock the run folder ``out`` (:mod:`kpfast.train.run_folder`),
 say what the run will do, open the data (generated and cached for procedural
-categories), pick the few-shot examples, build the networks, train with Adam for
-``iterations`` steps (checkpointing atomically every ``checkpoint_every`` steps,
-behind the NaN guard of :mod:`kpfast.train.guard`), evaluate the last model on the
-test split (no model selection), and write ``metrics.json``, ``model.pt``,
-``log.csv``, TensorBoard events and PNGs into ``out`` (``run.json`` records the run).
+categories), pick the few-shot examples, build the networks, then train with Adam
+for ``iterations`` steps. Each step is data -> losses -> backward -> update
+(:meth:`Trainer.train_step`); everything else is a hook (:mod:`kpfast.train.hooks`):
+the NaN guard, the diagnostics, the log, the time estimate, checkpoints, pictures and
+the evaluation of the last model on the test split, which write ``checkpoint.pt``,
+``model.pt``, ``log.csv``, TensorBoard events, PNGs and ``metrics.json`` into ``out``
+(``run.json`` records the run).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import platform
 import random
 import time
 from pathlib import Path
@@ -22,23 +20,26 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .. import backend
-from ..evaluate import COLLAPSE_SPREAD, evaluate, shape_baselines
-from ..models import FewShotKeypointModel, build_perceptual_loss
-from . import guard
-from .announce import StepClock, describe_run
-from .checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, MODEL_NAME, CheckpointError, global_rng_state,
-                         load_checkpoint, save_checkpoint_file, set_global_rng_state)
-from .config import TrainConfig, run_differences
-from .diagnostics import depth_correlation, term_gradients
-from .data import BatchStream, TrainingData, fetch, open_training_data
+from ..checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, CheckpointError, load_checkpoint
+from ..config import TrainConfig, run_differences
+from ..losses import build_perceptual_loss
+from ..models import FewShotKeypointModel, ModelOutputs
+from .announce import TimeEstimate, describe_run
+from .data import Batch, BatchStream, TrainingData, open_training_data, training_batch
+from .diagnostics import Diagnostics
 from .distributed import World, setup
-from .guard import NonFiniteLossError
-from .objective import Objective
+from .guard import NaNGuard, NonFiniteLossError
+from .hooks import Hook, Hooks
+from .objective import LossTerms, Objective
+from .results import Checkpointer, Evaluation, Pictures
 from .run_folder import RunFolder, RunFolderError, prepare_run_folder
 from .run_log import RunLog
-from .streams import RandomStreams, stream_seed
+from .streams import RandomStreams, global_rng_state, set_global_rng_state, stream_seed
+
+__all__ = ["Trainer", "run", "build_model", "parameter_groups", "NonFiniteLossError"]
 
 
 def build_model(cfg: TrainConfig, meta) -> FewShotKeypointModel:
@@ -62,17 +63,6 @@ def parameter_groups(model: FewShotKeypointModel, cfg: TrainConfig) -> list[dict
     if edge:
         groups.append({"params": edge, "lr": cfg.lr * cfg.edge_lr_scale, "lr_scale": cfg.edge_lr_scale})
     return groups
-
-
-def _git_commit() -> Optional[str]:
-    import subprocess
-
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                           text=True, timeout=5)
-        return r.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 class Trainer:
@@ -103,7 +93,7 @@ class Trainer:
             raise
 
     def _build(self) -> None:
-        """Data, networks, optimizer and random streams (restored from the resume checkpoint, if any)."""
+        """Data, networks, optimizer, random streams (restored from the resume checkpoint, if any) and hooks."""
         cfg = self.cfg
         self._seed_everything()
         self.data: TrainingData = open_training_data(cfg, self.world)
@@ -122,6 +112,7 @@ class Trainer:
 
         # one generator per kind of draw (transforms, masks, partners), per rank: see streams.py
         self.streams = RandomStreams(cfg.seed, self.world.rank)
+        self.step_random_state: Optional[dict] = None
         self.unlabeled_batch = 0 if cfg.method == "supervised" else cfg.batch_unlabeled
         self.unlabeled = BatchStream(range(len(self.data.train)), max(self.unlabeled_batch, 1),
                                      seed=stream_seed(cfg.seed, "unlabeled"), rank=self.world.rank,
@@ -139,6 +130,21 @@ class Trainer:
 
             self.ddp_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.metrics: Optional[dict] = None  # rank 0's, set by the Evaluation hook
+        self.guard = NaNGuard(self)
+        self.log = RunLog(self.out, total=cfg.iterations, start_step=self.step, every=cfg.log_every,
+                          progress=cfg.progress, enabled=self.world.is_main, bar_keys={*self.objective.weights, "total"})
+        self.hooks = Hooks(self.default_hooks())
+
+    def default_hooks(self) -> list[Hook]:
+        """The hooks of a run, in the order they are called (:mod:`kpfast.train.hooks`). Every rank
+        guards and checkpoints (both are collective); rank 0 alone estimates the time, draws and
+        evaluates; diagnostics are measured in single-process runs only."""
+        main, every = self.world.is_main, self.cfg.diagnostics_interval
+        diagnostics = [Diagnostics(self, every)] if every and not self.world.distributed else []
+        pictures = [Pictures(self)] if main and self.out is not None else []
+        return [self.guard, *diagnostics, self.log, *([TimeEstimate(self)] if main else []), Checkpointer(self),
+                *pictures, *([Evaluation(self)] if main else [])]
 
     # -- state -----------------------------------------------------------------
     def _seed_everything(self) -> None:
@@ -192,15 +198,6 @@ class Trainer:
             "labeled_stream": self.labeled.state_dict(), "rng": self.world.gather(rng), "world_size": self.world.size,
         }
 
-    def save_checkpoint(self) -> None:
-        """Write ``checkpoint.pt`` atomically (rank 0; every rank contributes its random state),
-        unless a parameter or optimizer state is not finite (:class:`NonFiniteLossError`)."""
-        self.check_finite_state(f"after step {self.step}, so checkpoint.pt was not written")
-        state = self.state()
-        if self.world.is_main and self.out is not None:
-            save_checkpoint_file(state, self.checkpoint_path())
-        self.world.barrier()
-
     def _restore(self) -> None:
         ckpt, path = self.resume_checkpoint, self.checkpoint_path()
         self.resume_checkpoint = None
@@ -226,223 +223,80 @@ class Trainer:
                   "random streams and data order are re-drawn (not bit for bit)", flush=True)
 
     # -- one step --------------------------------------------------------------
-    def next_batch(self) -> dict:
-        """``images`` (``U`` unlabelled, then ``L`` labelled), the labelled images' keypoints and
-        mask, and ``truth``: every image's annotation, read only by the diagnostics."""
-        lab = fetch(self.data.train, self.labeled.next(), self.device)
-        parts = [lab]
-        if self.unlabeled_batch:
-            parts.insert(0, fetch(self.data.train, self.unlabeled.next(), self.device))
-        cat = lambda key: torch.cat([p[key] for p in parts])  # noqa: E731
-        truth = {"keypoints": cat("keypoints"), "labeled": cat("labeled"), "depth": cat("depth"),
-                 "unlabeled": torch.arange(len(cat("labeled")), device=self.device) < (len(parts) - 1) * len(
-                     parts[0]["labeled"])}
-        return {"images": cat("image"), "labeled_keypoints": lab["keypoints"], "labeled_mask": lab["labeled"],
-                "truth": truth}
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step of (0-based) ``step``: data -> losses -> backward -> update.
 
-    def compute_losses(self, batch: dict, step: int) -> tuple[dict, dict]:
-        """The unweighted loss terms of ``step`` and the model outputs (see :class:`Objective`)."""
+        The hooks look in twice: at the loss terms before the backward pass (the NaN guard,
+        the diagnostics) and at the gradients before the update (the NaN guard). Returns the
+        step's log row (the ``after_step`` hooks may add to it).
+        """
+        batch = self.next_batch()
+        terms, outputs = self.compute_losses(batch, step)
+        self.hooks.after_loss(step, batch, terms, outputs)
+        total = self.backward(terms)
+        self.hooks.after_backward(step, batch)
+        self.update(step)
+        return self.log_row(step, terms, total)
+
+    def next_batch(self) -> Batch:
+        """The next unlabelled images (none for ``supervised``) and labelled images, from their streams."""
+        unlabeled = self.unlabeled.next() if self.unlabeled_batch else []
+        return training_batch(self.data.train, unlabeled, self.labeled.next(), self.device)
+
+    def compute_losses(self, batch: Batch, step: int) -> tuple[LossTerms, ModelOutputs]:
+        """The unweighted loss terms of ``step`` and the model's outputs (:class:`Objective`), the
+        networks in training mode. The random streams' state the objective starts drawing from is
+        kept in ``step_random_state``: the NaN guard replays the step from it."""
+        self.model.train()
+        self.step_random_state = self.streams.state_dict()
         return self.objective(self.ddp_model, batch, step, self.streams)
 
-    def check_finite(self, terms: dict, step: int) -> None:
-        """Raise :class:`NonFiniteLossError` (on every rank) if any term is NaN or infinite."""
-        bad = {k: float(v.detach()) for k, v in terms.items() if not math.isfinite(float(v.detach()))}
-        if self.world.all_true(not bad):
-            return
-        names = ", ".join(f"'{k}' = {v}" for k, v in bad.items()) or "a term on another process"
-        self._stop(f"non-finite loss at step {step + 1}: {names}")
-
-    def _stop(self, reason: str) -> None:
-        path = self.checkpoint_path()
-        where = f"the last good checkpoint is {path}" if path is not None and path.exists() else \
-            "no checkpoint was written yet"
-        raise NonFiniteLossError(f"{reason}; training stopped, {where}")
-
-    def check_update(self, batch: dict, step: int, rng_state: dict) -> None:
-        """After backward, before the optimizer step: raise :class:`NonFiniteLossError` (on every
-        rank) unless every gradient and parameter is finite, naming the first term whose gradient
-        is not (the step is replayed from ``batch`` and the random streams' state ``rng_state``)."""
-        params = list(self.model.parameters())
-        if self.world.all_true(guard.all_finite([p.grad for p in params] + params)):
-            return
-
-        def replay():
-            streams = RandomStreams(self.cfg.seed, self.world.rank)
-            streams.load_state_dict(rng_state)
-            return self.objective(self.model, batch, step, streams)[0], self.objective.weights
-
-        self._stop(guard.explain_update(step, self.model, self.cfg, replay))
-
-    def check_finite_state(self, when: str) -> None:
-        """Raise :class:`NonFiniteLossError` (on every rank) if a parameter or optimizer state is not finite."""
-        problem = guard.explain_state(self.model, self.optimizer, self.cfg)
-        if not self.world.all_true(problem is None):
-            self._stop(f"{problem or 'a parameter on another process is not finite'} {when}")
-
-    def diagnose(self, terms: dict, out: dict, batch: dict) -> dict:
-        """The scalars of :mod:`kpfast.train.diagnostics` for this step (before its backward)."""
-        det, truth = out["detections"], batch["truth"]
-        unlabeled_known = truth["labeled"] & truth["unlabeled"][:, None]
-        scalars = term_gradients(terms, self.objective.weights, det.keypoints, truth["keypoints"], unlabeled_known)
-        scalars["certainty"] = float(torch.sigmoid(det.uncertainty.detach()).mean())
-        scalars["depth_corr"] = depth_correlation(det.depth, truth["depth"], truth["labeled"])
-        if self.model.edge_map is not None:
-            scalars["alpha"] = float(self.model.edge_map.alpha.detach().mean())
-            scalars["sigma2"] = float(self.model.edge_map.sigma2.detach())
-        return scalars
-
-    def diagnoses(self, step: int) -> bool:
-        """Whether (0-based) ``step`` logs diagnostics: every ``diagnostics_every`` steps, single process."""
-        every = self.cfg.diagnostics_interval
-        return bool(every) and (step + 1) % every == 0 and not self.world.distributed
-
-    def train_step(self, step: int) -> dict:
-        """One optimizer step; returns the logged scalars."""
-        self.model.train()
-        batch = self.next_batch()
-        rng_state = self.streams.state_dict()  # to replay the step if its gradient is not finite
-        terms, out = self.compute_losses(batch, step)
-        self.check_finite(terms, step)
-        diagnostics = self.diagnose(terms, out, batch) if self.diagnoses(step) else {}
+    def backward(self, terms: LossTerms) -> Tensor:
+        """The backward pass of the weighted total (gradients reset first); returns the total."""
         total = self.objective.total(terms)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.cfg.lr_at(step) * group["lr_scale"]
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        self.check_update(batch, step, rng_state)
+        return total
+
+    def update(self, step: int) -> None:
+        """The optimizer step, each parameter group at its ``lr_scale`` times :meth:`TrainConfig.lr_at` ``(step)``."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr_at(step) * group["lr_scale"]
         self.optimizer.step()
-        scalars = {k: float(v.detach()) for k, v in terms.items()}
+
+    def log_row(self, step: int, terms: LossTerms, total: Tensor) -> dict[str, float]:
+        """The scalars of a step: each loss term, the total, the 2D transform strength, the learning rate."""
+        scalars = {k: float(v.detach()) for k, v in terms.as_dict().items()}
         scalars["total"] = float(total.detach())
         scalars["strength"] = self.objective.strength(step) if self.objective.active["geo2d"] else 0.0
         scalars["lr"] = self.cfg.lr_at(step)
-        scalars.update(diagnostics)
         return scalars
 
     # -- the run ---------------------------------------------------------------
     def run(self) -> dict:
-        cfg = self.cfg
-        log = RunLog(self.out, total=cfg.iterations, start_step=self.step, every=cfg.log_every,
-                     progress=cfg.progress, enabled=self.world.is_main, bar_keys={*self.objective.weights, "total"})
-        log.message(f"kpfast train: test split: {self.data.test_split}")
-        t_train = time.perf_counter()
-        first_step = self.step
-        clock = StepClock(cfg.iterations, self.step)
+        """Train from ``step`` to ``iterations`` with the hooks; returns rank 0's metrics on every rank."""
         try:
             with backend.use_backend(self.backend):
-                while self.step < cfg.iterations:
+                self.hooks.before_train()
+                self.first_step, self.t_train = self.step, time.perf_counter()
+                while self.step < self.cfg.iterations:
                     scalars = self.train_step(self.step)
                     self.step += 1
-                    log.step(self.step, scalars)
-                    estimate = clock.after_step(self.step)
-                    if estimate:
-                        log.message(estimate)
-                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
-                        self.save_checkpoint()
-                    if cfg.image_every and self.step % cfg.image_every == 0 and self.world.is_main and self.out:
-                        self.write_pictures(self.out / "images", prefix=f"step{self.step:06d}_")
-                train_s = time.perf_counter() - t_train
-                metrics = None
-                if self.world.is_main:
-                    t_eval = time.perf_counter()
-                    metrics = self.evaluate()
-                    if self.out is not None:
-                        self.write_pictures(self.out)
-                        self.save_model()
-                    metrics["wall_time_s"] = {
-                        "total": time.perf_counter() - self.t_start, "data": self.t_data, "training": train_s,
-                        "evaluation": time.perf_counter() - t_eval}
-                    metrics["steps_this_run"] = self.step - first_step
-                    metrics["seconds_per_step"] = train_s / max(self.step - first_step, 1)
-                    if self.out is not None:
-                        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-                        self.folder.finish(cfg)
-                    test = metrics["test"]
-                    collapsed = test["spread"] is not None and test["spread"] < COLLAPSE_SPREAD
-                    log.message(f"kpfast train: {cfg.method_label} on {cfg.dataset}, {cfg.shots} shots: test NME "
-                                f"{_fmt(test['nme'])} %, PCK@0.1 {_fmt(test['pck@0.1'])} %, spread "
-                                f"{_fmt(test['spread'])}" + (" (COLLAPSED: the keypoints shrink toward the object's "
-                                                             "centre)" if collapsed else "") +
-                                f" ({metrics['wall_time_s']['total']:.0f} s)" + (f"; wrote {self.out}" if self.out else ""))
-                    log.scalars("test", {"nme": test["nme"], "pck@0.1": test["pck@0.1"], "spread": test["spread"]},
-                                self.step)
-                metrics = self.world.broadcast(metrics)
-                # no rank tears the process group down while another still has a collective in
-                # flight (gloo aborted rank 0 at exit: "terminate called without an active exception")
-                self.world.barrier()
+                    self.hooks.after_step(self.step, scalars)
+                self.t_trained = time.perf_counter()
+                self.hooks.after_train()
+            metrics = self.world.broadcast(self.metrics)
+            # no rank tears the process group down while another still has a collective in
+            # flight (gloo aborted rank 0 at exit: "terminate called without an active exception")
+            self.world.barrier()
+            return metrics
         finally:
-            log.close()
+            self.hooks.close()
             self.folder.close()
             self.world.close()
-        return metrics
-
-    # -- results ---------------------------------------------------------------
-    @torch.no_grad()
-    def _detect(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.detector(images).keypoints
-
-    def evaluate(self) -> dict:
-        """Test metrics of the current model (and the fit on the labelled images), as written to metrics.json."""
-        self.model.eval()
-        test = evaluate(self._detect, self.data.test, meta=self.meta, batch_size=self.cfg.eval_batch,
-                        device=self.device)
-        labeled = torch.utils.data.Subset(self.data.train, self.data.labeled)
-        fit = evaluate(self._detect, labeled, meta=self.meta, batch_size=self.cfg.eval_batch, device=self.device)
-        cfg = self.cfg
-        return {
-            "dataset": cfg.dataset, "keypoints": self.meta.num_keypoints, "shots": cfg.shots,
-            "method": cfg.method, "without": list(cfg.without), "method_label": cfg.method_label, "ops": cfg.ops,
-            "perceptual": self.perceptual.description if self.perceptual is not None else "none",
-            "few_shot_selection": self.data.selection, "labeled_indices": self.data.labeled,
-            "iterations": self.step, "resumed_from": self.resumed_from, "world_size": self.world.size,
-            "test": test, "test_split": self.data.test_split,
-            "labeled_fit": {"nme": fit["nme"], "pck@0.1": fit["pck@0.1"], "spread": fit["spread"]},
-            "reference": shape_baselines(self.data.train, self.data.labeled, self.data.test, meta=self.meta),
-            "test_images": len(self.data.test), "train_images": len(self.data.train),
-            "environment": {"device": str(self.device), "torch": torch.__version__, "python": platform.python_version(),
-                            "cpu_threads": torch.get_num_threads(), "git_commit": _git_commit(),
-                            "cpu_count": os.cpu_count()},
-            "config": cfg.to_dict(),
-        }
-
-    def save_model(self) -> None:
-        """``model.pt``: what inference needs (detector weights, meta, config), for :func:`kpfast.load`."""
-        det = {k[len("detector."):]: v for k, v in self.model.state_dict().items() if k.startswith("detector.")}
-        save_checkpoint_file({"format": "kpfast", "version": FORMAT_VERSION, "kind": "model", "step": self.step,
-                              "config": self.cfg.to_dict(), "meta": self.meta.to_dict(), "model": det},
-                             self.out / MODEL_NAME)
-
-    @torch.no_grad()
-    def write_pictures(self, folder: Path, prefix: str = "", n: int = 16) -> None:
-        """``predictions.png`` (test images, certainty colours, ground truth beside) and, with
-        reconstruction, ``reconstructions.png`` and ``edge_maps.png``."""
-        from .. import viz
-        from ..data import collate_samples
-        from ..models import patch_mask
-
-        self.model.eval()
-        b = collate_samples([self.data.test[i] for i in range(min(n, len(self.data.test)))])
-        images = b["image"].to(self.device)
-        g = torch.Generator().manual_seed(0)  # pictures never touch the run's random stream
-        masked = patch_mask(images, self.objective.patch, self.cfg.mask_ratio, generator=g)[0] \
-            if self.model.unet is not None else None
-        with backend.use_backend(self.backend):
-            out = self.model(images, masked=masked, use_uncertainty=self.cfg.uses("uncertainty"))
-        det = out["detections"]
-        viz.save(viz.prediction_sheet(images.cpu(), det.keypoints.cpu(), self.meta,
-                                      certainty=torch.sigmoid(det.uncertainty).cpu(), ground_truth=b["keypoints"],
-                                      cols=4), folder / f"{prefix}predictions.png")
-        if masked is not None:
-            viz.save(viz.reconstruction_sheet(images.cpu(), masked.cpu(), out["edge_map"].cpu(),
-                                              out["reconstruction"].cpu()), folder / f"{prefix}reconstructions.png")
-            viz.save(viz.edge_map_sheet(out["edge_map"].cpu()), folder / f"{prefix}edge_maps.png")
-        self.model.train()
 
 
-def _fmt(v: Optional[float]) -> str:
-    return "n/a" if v is None else f"{v:.2f}"
-
-
-def train(config: Union[TrainConfig, dict, str, None] = None, **overrides: Any) -> dict:
+def run(config: Union[TrainConfig, dict, str, None] = None, **overrides: Any) -> dict:
     """Train the method end to end, evaluate it and return the metrics.
 
     Args:
@@ -459,7 +313,7 @@ def train(config: Union[TrainConfig, dict, str, None] = None, **overrides: Any) 
     Example (minutes on CPU; the README's training example runs the ``"tiny"`` preset)::
 
         import kpfast
-        metrics = kpfast.train("demo", out="runs/demo")
+        metrics = kpfast.train.run("demo", out="runs/demo")
         metrics["test"]["nme"]
     """
     if isinstance(config, str):

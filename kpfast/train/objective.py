@@ -26,29 +26,50 @@ the uninterrupted one would.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..config import TrainConfig
 from ..data import KeypointMeta
 from ..data.transforms import sample_transform
-from ..losses import (SMOOTH_PARTS, equivariance_loss, few_shot_loss, part_geometry_loss, reconstruction_loss,
-                      smoothness_loss, smoothness_triples)
-from ..models import PerceptualLoss, patch_mask, patch_size_for
-from .config import TrainConfig
+from ..losses import (SMOOTH_PARTS, PerceptualLoss, equivariance_loss, few_shot_loss, part_geometry_loss,
+                      reconstruction_loss, smoothness_loss, smoothness_triples)
+from ..models import ModelOutputs, patch_mask, patch_size_for
+from .data import Batch
 from .streams import RandomStreams
 
-TERMS = ("few_shot", "recon", "geo2d", "geo3d", "smooth")
+
+@dataclass
+class LossTerms:
+    """The unweighted scalar loss terms of one step; a term the run does not train is None."""
+
+    few_shot: Tensor
+    recon: Optional[Tensor] = None
+    geo2d: Optional[Tensor] = None
+    geo3d: Optional[Tensor] = None
+    smooth: Optional[Tensor] = None
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """``{name: term}`` of the trained terms, in :data:`TERMS` order."""
+        return {name: getattr(self, name) for name in TERMS if getattr(self, name) is not None}
+
+
+TERMS = tuple(f.name for f in dataclasses.fields(LossTerms))
+"""``("few_shot", "recon", "geo2d", "geo3d", "smooth")``: every term's name, in the order terms are
+computed, summed, logged and blamed by the NaN guard."""
 
 
 class Objective:
     """Computes the weighted loss terms of one step (see the module docstring).
 
-    Call with ``(model, batch, step, streams)`` (a :class:`RandomStreams`) where ``batch`` holds
-    ``images [U + L, 3, S, S]``, ``labeled_keypoints [L, K, 2]`` and
-    ``labeled_mask [L, K]``. Returns ``(terms, outputs)``: the unweighted scalar terms
-    by name, and the model outputs plus the masked images (for pictures).
+    Call with ``(model, batch, step, streams)``: a :class:`~kpfast.models.FewShotKeypointModel`
+    (or its DDP wrapper), a :class:`~kpfast.train.data.Batch`, the 0-based step and the run's
+    :class:`RandomStreams`. Returns ``(terms, outputs)``: the :class:`LossTerms` and the
+    :class:`~kpfast.models.ModelOutputs`.
     """
 
     def __init__(self, cfg: TrainConfig, meta: KeypointMeta, perceptual: Optional[PerceptualLoss] = None):
@@ -70,14 +91,14 @@ class Objective:
         """The 2D transform strength at ``step``: linear from 0 to 1 over ``ramp_length`` steps."""
         return min(1.0, step / max(self.cfg.ramp_length, 1))
 
-    def total(self, terms: dict) -> Tensor:
+    def total(self, terms: LossTerms) -> Tensor:
         """``sum_t weight_t * term_t``."""
-        return sum(self.weights[k] * v for k, v in terms.items())
+        return sum(self.weights[k] * v for k, v in terms.as_dict().items())
 
-    def __call__(self, model, batch: dict, step: int, streams: RandomStreams) -> tuple[dict, dict]:
+    def __call__(self, model, batch: Batch, step: int, streams: RandomStreams) -> tuple[LossTerms, ModelOutputs]:
         cfg = self.cfg
-        images = batch["images"]
-        B, L = images.shape[0], batch["labeled_keypoints"].shape[0]
+        images = batch.images
+        B, L = images.shape[0], batch.labeled_keypoints.shape[0]
         transform = transformed = masked = None
         if self.active["geo2d"]:
             transform = sample_transform(B, self.strength(step), size=tuple(images.shape[-2:]), generator=streams["transforms"],
@@ -86,20 +107,17 @@ class Objective:
         if self.active["recon"]:
             masked, _ = patch_mask(images, self.patch, cfg.mask_ratio, generator=streams["masks"])
         out = model(images, transformed=transformed, masked=masked, use_uncertainty=cfg.uses("uncertainty"))
-        det = out["detections"]
-        terms = {"few_shot": few_shot_loss(det.keypoints[B - L:], batch["labeled_keypoints"], batch["labeled_mask"])}
+        det = out.detections
+        terms = LossTerms(few_shot=few_shot_loss(det.keypoints[B - L:], batch.labeled_keypoints, batch.labeled_mask))
         if self.active["recon"]:
-            terms["recon"], parts = reconstruction_loss(out["reconstruction"], images, self.perceptual)
-            out["recon_parts"] = parts
+            terms.recon, _ = reconstruction_loss(out.reconstruction, images, self.perceptual)
         if self.active["geo2d"]:
             target, inside = transform.apply_keypoints(det.keypoints, self.meta.flip_perm)
-            terms["geo2d"] = equivariance_loss(out["detections_transformed"].keypoints, target, inside)
-            out["transformed"] = transformed
+            terms.geo2d = equivariance_loss(out.detections_transformed.keypoints, target, inside)
         if self.active["geo3d"]:
-            terms["geo3d"] = part_geometry_loss(det.points3d, self.parts, self.part_weights,
-                                                random_partners=step < cfg.random_partner_iterations,
-                                                generator=streams["partners"])
+            terms.geo3d = part_geometry_loss(det.points3d, self.parts, self.part_weights,
+                                             random_partners=step < cfg.random_partner_iterations,
+                                             generator=streams["partners"])
         if self.active["smooth"]:
-            terms["smooth"] = smoothness_loss(det.keypoints, self.triples)
-        out["masked"] = masked
+            terms.smooth = smoothness_loss(det.keypoints, self.triples)
         return terms, out

@@ -25,8 +25,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import CHECKPOINT_NAME, MODEL_NAME, atomic_write, remove_stale_temporaries
-from .config import TrainConfig, run_differences
+from ..checkpoint import CHECKPOINT_NAME, MODEL_NAME, atomic_write, remove_stale_temporaries
+from ..config import TrainConfig, run_differences
 from .run_log import LOG_NAME
 
 RUN_RECORD = "run.json"
@@ -39,7 +39,7 @@ LOCK_NAME = ".kpfast.lock"
 RUN_FILES = (RUN_RECORD, METRICS_NAME, MODEL_NAME, CHECKPOINT_NAME, LOG_NAME) + PICTURES
 """The files a run writes at the top of its folder."""
 ATOMIC_FILES = (RUN_RECORD, MODEL_NAME, CHECKPOINT_NAME)
-"""The files written through :func:`~kpfast.train.checkpoint.atomic_write` (temporaries ``.NAME.*.tmp``)."""
+"""The files written through :func:`~kpfast.checkpoint.atomic_write` (temporaries ``.NAME.*.tmp``)."""
 
 
 class RunFolderError(ValueError):

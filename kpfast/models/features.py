@@ -11,6 +11,11 @@ loss backbone.
 
 ``handcrafted_features(images)`` needs no weights: a downsampled colour thumbnail
 plus histograms of gradient orientations on a coarse grid.
+
+``resolve_extractor(spec)`` turns a feature spec (``"auto"``, ``"imagenet"``,
+``"handcrafted"``, a path) into the function the few-shot selection
+(:func:`kpfast.data.few_shot.select_few_shot`) takes, so the data layer never
+imports a network.
 """
 
 from __future__ import annotations
@@ -172,12 +177,18 @@ def pooled_features(backbone: ImageNetBackbone, images: torch.Tensor, levels: Se
 
 
 def resolve_extractor(features: Union[str, Callable, os.PathLike, None] = "auto"):
-    """Turn the ``features`` argument of ``select_few_shot`` into ``(callable, description)``.
+    """A feature spec (``TrainConfig.few_shot_features``) -> ``(callable, description)``, the
+    callable ``images [B, 3, H, W] -> [B, D]`` to give :func:`kpfast.data.few_shot.select_few_shot`.
 
     ``"auto"``: EfficientNet-Lite0 ImageNet features if installed, else handcrafted;
     ``"imagenet"``/``"efficientnet"``: EfficientNet-Lite0 (error if absent);
     ``"handcrafted"``/``"pixels"``: the weight-free descriptor; a path: a local
-    EfficientNet-Lite0 state dict; a callable: ``images [B,3,H,W] -> [B, D]``.
+    EfficientNet-Lite0 state dict; a callable: itself.
+
+    Example:
+        >>> extract, description = resolve_extractor("handcrafted")
+        >>> extract(torch.rand(2, 3, 32, 32)).shape, description.split(" (")[0]
+        (torch.Size([2, 320]), 'handcrafted')
     """
     if callable(features):
         return features, f"user callable {getattr(features, '__name__', type(features).__name__)}"

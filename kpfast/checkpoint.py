@@ -1,5 +1,8 @@
 """Checkpoints: atomic writes, a checksum of their contents, and safe, validated loading.
 
+The file format both sides share: training writes it (:mod:`kpfast.train`), inference
+reads it (:func:`kpfast.load`), so it lives outside both.
+
 A training checkpoint (``checkpoint.pt``, ``kind: "training"``) holds the model, the
 optimizer, the step, the config, the dataset meta, the few-shot indices, the data
 samplers' positions and the state of every random stream (the run's own generator
@@ -21,15 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Optional
 
-import numpy as np
 import torch
 
-from ..safe_load import LoadError, load_tensor_file
+from .safe_load import LoadError, load_tensor_file
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
@@ -129,29 +130,6 @@ def content_digest(obj: Any) -> str:
 def save_checkpoint_file(state: dict, path: str | os.PathLike) -> None:
     """Write a checkpoint dict (see the module docstring) with its checksum, atomically."""
     atomic_save({**state, CHECKSUM_KEY: content_digest(state)}, path)
-
-
-# -- random streams --------------------------------------------------------------------------------
-
-def global_rng_state() -> dict:
-    """torch (CPU and CUDA), numpy and Python global random states, as plain containers and tensors."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"bit_generator": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_global_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # -- reading ---------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ Methods (``method``):
 Ablations (``without``, any subset): ``recon``, ``geo2d``, ``geo3d``,
 ``uncertainty`` (``full`` only) and ``kmeans`` (random few-shot examples instead
 of the k-means selection; any method).
+
+The config lives outside :mod:`kpfast.train`: every checkpoint records the config of
+its run, and inference (:func:`kpfast.load`) reads it back to rebuild the detector.
 """
 
 from __future__ import annotations

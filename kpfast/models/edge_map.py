@@ -1,4 +1,4 @@
-"""Trainable modules built on the kpfast ops."""
+"""The trainable edge map: :func:`kpfast.edge_map` with the paper's learned thickness and strength."""
 
 from __future__ import annotations
 
@@ -8,18 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import edge_map
-from .ops.edge_map import edge_tensor
-
-
-def all_pairs(num_keypoints: int) -> list[tuple[int, int]]:
-    """AutoLink's fully connected graph: every pair ``(i, j)`` with ``i < j``.
-
-    Example:
-        >>> all_pairs(3)
-        [(0, 1), (0, 2), (1, 2)]
-    """
-    return [(i, j) for i in range(num_keypoints) for j in range(i + 1, num_keypoints)]
+from ..ops import edge_map
+from ..ops.edge_map import edge_tensor
 
 
 class EdgeMap(nn.Module):
@@ -32,8 +22,8 @@ class EdgeMap(nn.Module):
     ``edge_weight_noise`` x N(0, 1) to break symmetry) instead of one shared alpha.
 
     Args:
-        edges: ``[E, 2]`` integer tensor or sequence of ``(i, j)`` pairs (e.g. :func:`all_pairs`),
-            checked as by :func:`kpfast.edge_map`.
+        edges: ``[E, 2]`` integer tensor or sequence of ``(i, j)`` pairs (e.g.
+            :func:`kpfast.data.skeletons.all_pairs`), checked as by :func:`kpfast.edge_map`.
         size: output ``H`` or ``(H, W)``.
         learn_edge_weights: one weight per edge instead of one for all.
         theta, gamma: initial values of the two parameters.
@@ -91,4 +81,4 @@ class EdgeMap(nn.Module):
         return f"edges={self.edges.shape[0]}, size={self.size}, mode={self.mode!r}, weights={learned}"
 
 
-__all__ = ["EdgeMap", "all_pairs"]
+__all__ = ["EdgeMap"]

@@ -1,9 +1,10 @@
 """How hard is a procedural category? A tiny supervised baseline on n labelled images.
 
-``python -m kpfast.data.sanity_baseline --category face --shots 10`` trains a small CNN
+``python -m kpfast.sanity_baseline --category face --shots 10`` trains a small CNN
 with a soft-argmax head on the first ``shots`` training images (all keypoints
-supervised, L1) and reports the test NME (% of the normalizer distance, or of the
-bbox diagonal when the category has none) and the same on the training images.
+supervised, L1) and reports the NME of :mod:`kpfast.evaluate` (% of the normalizer
+distance, or of the box's longer side when the category has none) on the test images
+and on the training images, beside the mean training shape's.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .coords import pixel_grid
-from .open import open_dataset
+from .data import open_dataset
+from .data.coords import pixel_grid
+from .evaluate import evaluate, shape_baselines
 
 
 class TinyRegressor(nn.Module):
@@ -36,15 +38,6 @@ class TinyRegressor(nn.Module):
         return torch.stack([(w * g[..., 0]).sum((-1, -2)), (w * g[..., 1]).sum((-1, -2))], -1)
 
 
-def nme(pred, gt, meta, bbox):
-    if meta.normalizer is not None:
-        a, b = meta.normalizer
-        norm = (gt[:, a] - gt[:, b]).norm(dim=-1)
-    else:
-        norm = (bbox[:, 2:] - bbox[:, :2]).norm(dim=-1)
-    return ((pred - gt).norm(dim=-1).mean(-1) / norm).mean().item() * 100
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--category", default="face")
@@ -60,8 +53,8 @@ def main(argv=None):
                       cache_dir=args.cache_dir, seed=args.seed)
     te = open_dataset(args.category, "test", size=args.test_size, image_size=args.image_size, cache_dir=args.cache_dir,
                       seed=args.seed)
-    get = lambda ds, n: {k: torch.stack([ds[i][k] for i in range(n)]) for k in ("image", "keypoints", "bbox")}  # noqa: E731
-    a, b = get(tr, args.shots), get(te, len(te))
+    shots = list(range(args.shots))
+    a = {k: torch.stack([tr[i][k] for i in shots]) for k in ("image", "keypoints")}
     net = TinyRegressor(tr.meta.num_keypoints)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     t0 = time.time()
@@ -70,11 +63,9 @@ def main(argv=None):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        train_nme = nme(net(a["image"]), a["keypoints"], tr.meta, a["bbox"])
-        test_nme = nme(torch.cat([net(b["image"][i:i + 100]) for i in range(0, len(te), 100)]), b["keypoints"], te.meta,
-                       b["bbox"])
-        mean_nme = nme(a["keypoints"].mean(0, keepdim=True).expand_as(b["keypoints"]), b["keypoints"], te.meta, b["bbox"])
+    train_nme = evaluate(net, torch.utils.data.Subset(tr, shots), meta=tr.meta)["nme"]
+    test_nme = evaluate(net, te)["nme"]
+    mean_nme = shape_baselines(tr, shots, te)["mean_shape"]["nme"]
     print(f"{args.category}: {args.shots} labelled images, {args.iters} iterations ({time.time() - t0:.0f} s): "
           f"train NME {train_nme:.1f} %, test NME {test_nme:.1f} % (mean-shape baseline {mean_nme:.1f} %)")
 
