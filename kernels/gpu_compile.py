@@ -2,7 +2,8 @@
 
 The interpreter accepts code that the compiler rejects (and the reverse), so CI
 also lowers each kernel to a cubin for ``sm_90``. Each kernel module lists its
-variants in ``GPU_COMPILE_CASES`` as ``(name, jit_function, signature, constexprs)``.
+variants in ``GPU_COMPILE_CASES`` as ``(name, jit_function, signature, constexprs)``, with
+compile options (``num_warps``, as the launcher passes them) as an optional fifth item.
 
 Run: ``python -m kpfast.kernels.gpu_compile [arch]`` (must not run with
 ``TRITON_INTERPRET=1``, which replaces the compiler).
@@ -22,21 +23,21 @@ def cases():
         yield from module.GPU_COMPILE_CASES
 
 
-def compile_case(fn, signature, constexprs, arch: int = 90):
+def compile_case(fn, signature, constexprs, arch: int = 90, options: dict | None = None):
     import triton
     from triton.backends.compiler import GPUTarget
 
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     arch = int(argv[0]) if argv else 90
     failed = 0
-    for label, fn, signature, constexprs in cases():
+    for label, fn, signature, constexprs, *options in cases():
         try:
-            k = compile_case(fn, signature, constexprs, arch)
+            k = compile_case(fn, signature, constexprs, arch, *options)
             print(f"ok    sm_{arch} {label}: {len(k.asm['cubin'])} B cubin, {k.metadata.shared} B shared memory")
         except Exception as err:  # report every failure, then fail
             failed += 1

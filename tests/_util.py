@@ -46,13 +46,14 @@ def tolerances(dtype: torch.dtype) -> dict:
 
 
 def property_test(strategy, examples: dict[str, int]):
-    """Decorator: turn ``fn(backend, example)`` into a test parametrized over the kernel backends,
-    each running hypothesis on ``strategy`` with that backend's example budget."""
+    """Decorator: turn ``fn(backend, example)`` into a test parametrized over the kernel backends
+    (and ``"reference"`` when ``examples`` budgets it), each running hypothesis on ``strategy``
+    with that backend's example budget."""
     import pytest
     from hypothesis import HealthCheck, given, settings
 
     def decorate(fn):
-        @pytest.mark.parametrize("backend", kernel_backends())
+        @pytest.mark.parametrize("backend", [b for b in kernel_backends() + ["reference"] if b in examples])
         def test(backend):
             config = settings(max_examples=examples[backend], deadline=None,
                               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
