@@ -75,6 +75,18 @@ def test_triton_kernels_compile_for_sm90():
     assert "FAIL" not in proc.stdout and proc.stdout.count("ok ") >= 1, proc.stdout
 
 
+def test_ptxas_report_gives_registers_and_spills():
+    from kpfast.kernels.gpu_compile import ptxas_usage
+
+    log = ("ptxas info    : Compiling entry function '_umeyama_bwd_kernel' for 'sm_90a'\n"
+           "ptxas info    : Function properties for _umeyama_bwd_kernel\n"
+           "    160 bytes stack frame, 160 bytes spill stores, 160 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 0 barriers, 160 bytes cumulative stack size\n")
+    assert ptxas_usage(log) == (255, 160)
+    with pytest.raises(ValueError, match="register report"):
+        ptxas_usage("")
+
+
 def soft_argmax_problem(gen, dtype=torch.float32):
     heat = (torch.randn(2, 3, 5, 7, generator=gen) * 2).to(dtype).requires_grad_()
     readouts = torch.randn(2, 3, 2, 5, 7, generator=gen).to(dtype).requires_grad_()
