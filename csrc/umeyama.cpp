@@ -6,12 +6,18 @@
 // (umeyama_reference, part_alignment_reference, UMEYAMA_TOL).
 //
 // Every point set is handled in 3 coordinates (z = 0 when D = 2, where the 2D solve
-// keeps R's z row and column at the identity), and in coordinates shifted by a
-// per-set offset near its weighted centroid, so that raw second moments do not lose
-// precision to cancellation. The fit is exactly invariant to these shifts.
+// keeps R's z row and column at the identity), and every fit in its own frame: the
+// coordinates shifted by an offset near the weighted centroid (raw second moments then
+// lose no precision to cancellation) and divided by a power of two near their largest
+// magnitude (exact; float32 moments then neither overflow nor underflow from about 1e-30
+// to 1e20). The fit is exactly equivariant to both. A fit with a non-finite coordinate
+// or weight among its points is NaN: R, t, s (when fitted), r and every gradient of its
+// points.
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "common.h"
 
@@ -26,10 +32,11 @@ inline int threads_for(int64_t work, int threads) { return work < SERIAL_WORK ? 
 enum Branch : int { NORMAL = 0, NO_SRC = 1, NO_DST = 2, UNCORR = 3, TIE = 4 };
 
 // Per-fit record written by part_alignment's forward for its backward (3-coordinate
-// layout for D = 2 and 3): the transform in shifted coordinates, 1/W, and for the full
-// gradient the adjoints of the moments for a unit upstream gradient.
+// layout for D = 2 and 3): the transform in the fit's frame, 1/W, and for the full
+// gradient the adjoints of the moments for a unit upstream gradient of r in the frame.
+// Exported as PART_RECORD_LAYOUT; kernels/umeyama.py uses the same layout.
 constexpr int REC_A = 0;     // A = s R, 9 (row-major)
-constexpr int REC_T = 9;     // t in shifted coordinates, 3
+constexpr int REC_T = 9;     // t in the frame, 3
 constexpr int REC_INVW = 12; // 1 / W (0 when W = 0)
 constexpr int REC_SD = 13;   // adjoint of sum c d', 3
 constexpr int REC_SS = 16;   // adjoint of sum c s', 3
@@ -108,6 +115,7 @@ void jacobi4(T a[4][4], T V[4][4]) {
         // dividing by apq (no overflow when it is tiny)
         const T diff = a[q][q] - a[p][p];
         const T den = std::abs(diff) + std::sqrt(diff * diff + 4 * apq * apq);
+        if (!(den > 0)) continue;  // apq^2 underflows against a zero diff: apq is negligible
         const T t = (diff < 0 ? -2 * apq : 2 * apq) / den;
         const T c = T(1) / std::sqrt(t * t + 1), s = t * c;
         a[p][p] -= t * apq;
@@ -128,12 +136,14 @@ void jacobi4(T a[4][4], T V[4][4]) {
   }
 }
 
+// R of the unit quaternion q / |q|: orthogonal to rounding whatever the Jacobi drift.
 template <typename T>
 Mat3<T> quat_to_rot(T w, T x, T y, T z) {
+  const T n = T(1) / (w * w + x * x + y * y + z * z);
   Mat3<T> R;
-  R[0] = {w * w + x * x - y * y - z * z, 2 * (x * y - w * z), 2 * (x * z + w * y)};
-  R[1] = {2 * (x * y + w * z), w * w - x * x + y * y - z * z, 2 * (y * z - w * x)};
-  R[2] = {2 * (x * z - w * y), 2 * (y * z + w * x), w * w - x * x - y * y + z * z};
+  R[0] = {(w * w + x * x - y * y - z * z) * n, 2 * (x * y - w * z) * n, 2 * (x * z + w * y) * n};
+  R[1] = {2 * (x * y + w * z) * n, (w * w - x * x + y * y - z * z) * n, 2 * (y * z - w * x) * n};
+  R[2] = {2 * (x * z - w * y) * n, 2 * (y * z + w * x) * n, (w * w - x * x - y * y + z * z) * n};
   return R;
 }
 
@@ -173,6 +183,8 @@ void solve_rotation3(Fit<T>& F, const Tol<T>& tol, T& lam1, bool& tie) {
     }
   }
   F.R = quat_to_rot(qs[0], qs[1], qs[2], qs[3]);
+  const T qn = T(1) / std::sqrt(qs[0] * qs[0] + qs[1] * qs[1] + qs[2] * qs[2] + qs[3] * qs[3]);
+  for (int r = 0; r < 4; ++r) qs[r] *= qn;
   // Modes l = 1..3: body-frame axes v = vec(conj(qs) * q_l), half-gaps (lam1 - lam_l) / 2.
   for (int l = 1; l < 4; ++l) {
     const T w2 = q[l][0];
@@ -190,7 +202,7 @@ void set_identity(Mat3<T>& R) {
     for (int b = 0; b < 3; ++b) R[a][b] = (a == b) ? T(1) : T(0);
 }
 
-// Fit from the moments; od, os: the shifts of the dst and src coordinates.
+// Fit from the moments taken in a frame; od, os: the frame's origins in its own units.
 template <typename T>
 Fit<T> solve(const Moments<T>& M, const Vec3<T>& od, const Vec3<T>& os, int D, bool scale, const Tol<T>& tol) {
   Fit<T> F;
@@ -331,11 +343,42 @@ void point_grad(const MomentGrad<T>& G, T c, const Vec3<T>& d, const Vec3<T>& s,
   }
 }
 
+// The largest power of two <= m (dividing by it is exact): m with its mantissa bits cleared (no
+// libm call: this runs once per fit); 1 when m is 0, subnormal or not finite.
 template <typename T>
-Vec3<T> load(const T* p, int D, const Vec3<T>& shift) {
-  Vec3<T> v{};
-  for (int a = 0; a < D; ++a) v[a] = p[a] - shift[a];
-  return v;
+T pow2_floor(T m) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr Bits exponent = sizeof(T) == 4 ? Bits(0x7F800000u) : Bits(0x7FF0000000000000ull);
+  if (!(m >= std::numeric_limits<T>::min() && m <= std::numeric_limits<T>::max())) return T(1);
+  Bits bits;
+  std::memcpy(&bits, &m, sizeof(T));
+  bits &= exponent;
+  std::memcpy(&m, &bits, sizeof(T));
+  return m;
+}
+
+// A fit's coordinate frame: x' = (x - o) / k, with k a power of two (so that 1 / k is exact).
+template <typename T>
+struct Frame {
+  Vec3<T> o{};
+  T k = 1, ik = 1;
+
+  void set_scale(T k_) {
+    k = k_;
+    ik = T(1) / k_;
+  }
+  Vec3<T> in(const T* p, int D) const {  // D is 2 or 3 (no loop: the result stays in registers)
+    return {(p[0] - o[0]) * ik, (p[1] - o[1]) * ik, D == 3 ? (p[2] - o[2]) * ik : T(0)};
+  }
+  Vec3<T> origin() const { return {o[0] * ik, o[1] * ik, o[2] * ik}; }  // in its own units
+};
+
+// A point and its weight are finite.
+template <typename T>
+bool finite_point(const T* p, int D, T c) {
+  bool ok = std::isfinite(c);
+  for (int a = 0; a < D; ++a) ok = ok && std::isfinite(p[a]);
+  return ok;
 }
 
 template <typename T>
@@ -357,46 +400,63 @@ struct UProblem {
   const T* s_at(int64_t n, int64_t m) const { return src + (n * M + m) * D; }
   const T* d_at(int64_t n, int64_t m) const { return dst + (n * M + m) * D; }
 
-  // Two passes: centroids (the shifts), then moments in centred coordinates.
-  void moments(int64_t n, Vec3<T>& os, Vec3<T>& od, Moments<T>& Mo) const {
-    T W = 0;
-    os = {};
-    od = {};
+  // Two passes: the frames (centroids, one scale for src and dst so that a rigid fit stays
+  // rigid) and whether every input is finite, then the moments in the frames.
+  bool moments(int64_t n, Frame<T>& fs, Frame<T>& fd, Moments<T>& Mo) const {
+    T W = 0, big = 0;
+    fs = Frame<T>();
+    fd = Frame<T>();
     for (int64_t m = 0; m < M; ++m) {
       const T c = weight(n, m);
+      const T *s = s_at(n, m), *d = d_at(n, m);
+      T size = 0;
       W += c;
       for (int a = 0; a < D; ++a) {
-        os[a] += c * s_at(n, m)[a];
-        od[a] += c * d_at(n, m)[a];
+        fs.o[a] += c * s[a];
+        fd.o[a] += c * d[a];
+        size = std::max(size, std::max(std::abs(s[a]), std::abs(d[a])));
       }
+      if (c != 0) big = std::max(big, size);
+    }
+    // A non-finite input makes a sum non-finite (0 * inf is NaN); so may an overflow: then look.
+    bool ok = std::isfinite(W);
+    for (int a = 0; a < 3; ++a) ok = ok && std::isfinite(fs.o[a]) && std::isfinite(fd.o[a]);
+    if (!ok) {
+      ok = true;
+      for (int64_t m = 0; m < M; ++m)
+        ok = ok && finite_point(s_at(n, m), D, weight(n, m)) && finite_point(d_at(n, m), D, weight(n, m));
     }
     const T inv = W > 0 ? T(1) / W : T(0);
     for (int a = 0; a < 3; ++a) {
-      os[a] *= inv;
-      od[a] *= inv;
+      fs.o[a] *= inv;
+      fd.o[a] *= inv;
     }
+    fs.set_scale(pow2_floor(big));
+    fd.set_scale(fs.k);
     Mo = Moments<T>();
-    for (int64_t m = 0; m < M; ++m) Mo.add(weight(n, m), load(d_at(n, m), D, od), load(s_at(n, m), D, os));
+    for (int64_t m = 0; m < M; ++m) Mo.add(weight(n, m), fd.in(d_at(n, m), D), fs.in(s_at(n, m), D));
+    return ok;
   }
 };
 
 template <typename T>
 void umeyama_forward(const UProblem<T>& P, T* R, T* s, T* t, int threads) {
   parallel_for(P.N, threads_for(P.N * (P.M + 64), threads), [&](int64_t n) {
-    Vec3<T> os, od;
+    Frame<T> fs, fd;
     Moments<T> Mo;
-    P.moments(n, os, od, Mo);
-    const Fit<T> F = solve(Mo, od, os, P.D, P.scale, P.tol);
+    const bool ok = P.moments(n, fs, fd, Mo);
+    const Fit<T> F = solve(Mo, fd.origin(), fs.origin(), P.D, P.scale, P.tol);
     const int D = P.D;
+    const T nan = std::numeric_limits<T>::quiet_NaN();
     for (int a = 0; a < D; ++a) {
       T aos = 0;
       for (int b = 0; b < D; ++b) {
-        R[(n * D + a) * D + b] = F.R[a][b];
-        aos += F.A[a][b] * os[b];
+        R[(n * D + a) * D + b] = ok ? F.R[a][b] : nan;
+        aos += F.A[a][b] * fs.o[b];
       }
-      t[n * D + a] = F.t[a] + od[a] - aos;
+      t[n * D + a] = ok ? fd.o[a] + fd.k * F.t[a] - aos : nan;  // back from the frames
     }
-    s[n] = F.s;
+    s[n] = ok || !P.scale ? F.s : nan;
   });
 }
 
@@ -405,15 +465,24 @@ void umeyama_backward(const UProblem<T>& P, const T* gR, const T* gs, const T* g
                       int threads) {
   parallel_for(P.N, threads_for(P.N * (P.M + 64), threads), [&](int64_t n) {
     const int D = P.D;
-    Vec3<T> os, od;
+    Frame<T> fs, fd;
     Moments<T> Mo;
-    P.moments(n, os, od, Mo);
-    const Fit<T> F = solve(Mo, od, os, D, P.scale, P.tol);
-    // t = mu_d - A mu_s in unshifted coordinates, A = s R.
+    const bool ok = P.moments(n, fs, fd, Mo);
+    if (!ok) {
+      const T nan = std::numeric_limits<T>::quiet_NaN();
+      std::fill(g_src + n * P.M * D, g_src + (n + 1) * P.M * D, nan);
+      std::fill(g_dst + n * P.M * D, g_dst + (n + 1) * P.M * D, nan);
+      std::fill(g_w + n * P.M, g_w + (n + 1) * P.M, nan);
+      return;
+    }
+    const Fit<T> F = solve(Mo, fd.origin(), fs.origin(), D, P.scale, P.tol);
+    // t = od + k (mu_d - A (mu_s + os)) with the means and origins in the frame, A = s R: the
+    // adjoint of the frame's t is k tbar.
+    const Vec3<T> os = fs.origin();
     Vec3<T> tbar{}, mubar_d{}, mubar_s{};
     Mat3<T> Rbar{}, Abar{};
     for (int a = 0; a < D; ++a) {
-      tbar[a] = gt[n * D + a];
+      tbar[a] = gt[n * D + a] * fd.k;
       for (int b = 0; b < D; ++b) Rbar[a][b] = gR[(n * D + a) * D + b];
     }
     for (int a = 0; a < 3; ++a) {
@@ -432,13 +501,12 @@ void umeyama_backward(const UProblem<T>& P, const T* gR, const T* gs, const T* g
     const MomentGrad<T> G = solve_backward(F, Mo, Rbar, sbar, mubar_d, mubar_s, P.scale);
     for (int64_t m = 0; m < P.M; ++m) {
       const T c = P.weight(n, m);
-      const Vec3<T> d = load(P.d_at(n, m), D, od), s = load(P.s_at(n, m), D, os);
       Vec3<T> gd, gsrc;
       T gc;
-      point_grad(G, c, d, s, gd, gsrc, gc);
-      for (int a = 0; a < D; ++a) {
-        g_dst[(n * P.M + m) * D + a] = gd[a];
-        g_src[(n * P.M + m) * D + a] = gsrc[a];
+      point_grad(G, c, fd.in(P.d_at(n, m), D), fs.in(P.s_at(n, m), D), gd, gsrc, gc);
+      for (int a = 0; a < D; ++a) {  // d x' / d x = 1 / k
+        g_dst[(n * P.M + m) * D + a] = gd[a] * fd.ik;
+        g_src[(n * P.M + m) * D + a] = gsrc[a] * fs.ik;
       }
       g_w[n * P.M + m] = gc;
     }
@@ -457,29 +525,60 @@ struct PProblem {
   bool scale, full;
   Tol<T> tol;
   std::vector<std::vector<int32_t>> members;  // point indices of each part
-  std::vector<T> shift;                       // [B, P, 3]
+  std::vector<int64_t> first;                 // [P + 1]: where each part's members start in a sample's row
+  std::vector<Frame<T>> frames;               // [B, P]: weighted centroid; one power-of-two scale per part
+  std::vector<uint8_t> finite;                // [B, P]: every point and weight of the part is finite
+  std::vector<Vec3<T>> local;                 // [B, first[P]]: the members in their frames
+  std::vector<T> weight;                      // [B, first[P]]: their weights
 
+  // The frames (one scale per part for every sample, so that the frames of a fit share it and a
+  // rigid fit stays rigid) and the member points in them, contiguous per (sample, part).
   void prepare(int threads) {
     members.assign(P, {});
-    for (int64_t p = 0; p < P; ++p)
+    first.assign(P + 1, 0);
+    for (int64_t p = 0; p < P; ++p) {
       for (int64_t k = 0; k < K; ++k)
         if (m[p * K + k]) members[p].push_back(static_cast<int32_t>(k));
-    shift.assign(B * P * 3, T(0));
+      first[p + 1] = first[p] + static_cast<int64_t>(members[p].size());
+    }
+    frames.assign(B * P, Frame<T>());
+    finite.assign(B * P, 1);
+    std::vector<T> big(B * P, T(0));
     parallel_for(B, threads_for(B * P * K, threads), [&](int64_t b) {
       for (int64_t p = 0; p < P; ++p) {
-        T W = 0, acc[3] = {0, 0, 0};
+        T W = 0;
+        Frame<T>& f = frames[b * P + p];
         for (int32_t k : members[p]) {
-          const T c = w ? w[b * K + k] : T(1);
+          const T c = wt(b, k);
+          if (!finite_point(at(b, k), D, c)) finite[b * P + p] = 0;
           W += c;
-          for (int a = 0; a < D; ++a) acc[a] += c * x[(b * K + k) * D + a];
+          for (int a = 0; a < D; ++a) {
+            f.o[a] += c * at(b, k)[a];
+            if (c != 0 && std::isfinite(at(b, k)[a])) big[b * P + p] = std::max(big[b * P + p], std::abs(at(b, k)[a]));
+          }
         }
-        for (int a = 0; a < 3; ++a) shift[(b * P + p) * 3 + a] = W > 0 ? acc[a] / W : T(0);
+        for (int a = 0; a < 3; ++a) f.o[a] = W > 0 ? f.o[a] / W : T(0);
       }
     });
+    for (int64_t p = 0; p < P; ++p) {
+      T top = 0;
+      for (int64_t b = 0; b < B; ++b) top = std::max(top, big[b * P + p]);
+      for (int64_t b = 0; b < B; ++b) frames[b * P + p].set_scale(pow2_floor(top));
+    }
+    local.assign(B * first[P], Vec3<T>{});
+    weight.assign(B * first[P], T(0));
+    parallel_for(B, threads_for(B * first[P], threads), [&](int64_t b) {
+      for (int64_t p = 0; p < P; ++p)
+        for (size_t q = 0; q < members[p].size(); ++q) {
+          local[b * first[P] + first[p] + q] = frames[b * P + p].in(at(b, members[p][q]), D);
+          weight[b * first[P] + first[p] + q] = wt(b, members[p][q]);
+        }
+    });
   }
-  Vec3<T> o(int64_t b, int64_t p) const {
-    return {shift[(b * P + p) * 3], shift[(b * P + p) * 3 + 1], shift[(b * P + p) * 3 + 2]};
-  }
+  const Frame<T>& frame(int64_t b, int64_t p) const { return frames[b * P + p]; }
+  bool finite_fit(int64_t i, int64_t j, int64_t p) const { return finite[i * P + p] && finite[j * P + p]; }
+  const Vec3<T>* points(int64_t b, int64_t p) const { return local.data() + b * first[P] + first[p]; }
+  const T* weights(int64_t b, int64_t p) const { return weight.data() + b * first[P] + first[p]; }
   T wt(int64_t b, int64_t k) const { return w ? w[b * K + k] : T(1); }
   const T* at(int64_t b, int64_t k) const { return x + (b * K + k) * D; }
 };
@@ -495,17 +594,24 @@ void part_forward(const PProblem<T>& P, T* r, T* rec, int threads) {
       std::fill(out, out + NREC, T(0));
       r[fit] = 0;
       if (i == j) continue;  // the self-fit is exact: r = 0, no gradient
-      const Vec3<T> od = P.o(i, p), os = P.o(j, p);
-      const auto& idx = P.members[p];
+      if (!P.finite_fit(i, j, p)) {
+        std::fill(out, out + NREC, std::numeric_limits<T>::quiet_NaN());
+        r[fit] = std::numeric_limits<T>::quiet_NaN();
+        continue;
+      }
+      const Frame<T>&fd = P.frame(i, p), &fs = P.frame(j, p);
+      const Vec3<T>*xi = P.points(i, p), *xj = P.points(j, p);
+      const T *wi = P.weights(i, p), *wj = P.weights(j, p);
+      const int64_t n = P.members[p].size();
       Moments<T> Mo;
-      for (int32_t k : idx) Mo.add(P.wt(i, k) * P.wt(j, k), load(P.at(i, k), P.D, od), load(P.at(j, k), P.D, os));
-      const Fit<T> F = solve(Mo, od, os, P.D, P.scale, P.tol);
+      for (int64_t q = 0; q < n; ++q) Mo.add(wi[q] * wj[q], xi[q], xj[q]);
+      const Fit<T> F = solve(Mo, fd.origin(), fs.origin(), P.D, P.scale, P.tol);
       T res = 0;
       Mat3<T> Es{};
       Vec3<T> Ec{};
-      for (int32_t k : idx) {
-        const T c = P.wt(i, k) * P.wt(j, k);
-        const Vec3<T> d = load(P.at(i, k), P.D, od), s = load(P.at(j, k), P.D, os);
+      for (int64_t q = 0; q < n; ++q) {
+        const T c = wi[q] * wj[q];
+        const Vec3<T>&d = xi[q], &s = xj[q];
         for (int a = 0; a < P.D; ++a) {
           const T e = d[a] - (F.A[a][0] * s[0] + F.A[a][1] * s[1] + F.A[a][2] * s[2]) - F.t[a];
           res += c * std::abs(e);
@@ -516,14 +622,14 @@ void part_forward(const PProblem<T>& P, T* r, T* rec, int threads) {
           }
         }
       }
-      r[fit] = res * F.invW;
+      r[fit] = res * F.invW * fd.k;  // the residual in the frame, times its scale
       for (int a = 0; a < 3; ++a) {
         out[REC_T + a] = F.t[a];
         for (int b = 0; b < 3; ++b) out[REC_A + 3 * a + b] = F.A[a][b];
       }
       out[REC_INVW] = F.invW;
       if (!P.full || F.invW == 0) continue;
-      // Unit upstream gradient: e_k = d_k - A s_k - t, t = mu_d - A mu_s.
+      // Unit upstream gradient of r in the frame: e_k = d_k - A s_k - t, t = mu_d - A mu_s.
       Vec3<T> tbar, mubar_d, mubar_s{};
       Mat3<T> Abar, Rbar;
       for (int a = 0; a < 3; ++a) {
@@ -554,7 +660,9 @@ void part_forward(const PProblem<T>& P, T* r, T* rec, int threads) {
   });
 }
 
-// One fit's record, scaled by its upstream gradient g, ready for the per-point gradients.
+// One fit's record, scaled by its upstream gradient, ready for the per-point gradients.
+// In the fit's frame r = k r' and x' = (x - o) / k, so dr/dx = dr'/dx' and dr/dc = k dr'/dc:
+// built with g = k grad_r and r = r' (point gradients in the frame, divided by k by the caller).
 template <typename T>
 struct FitGrad {
   MomentGrad<T> G;  // moment adjoints times g (zero unless full)
@@ -603,34 +711,36 @@ void part_backward(const PProblem<T>& P, const T* grad_r, const T* r, const T* r
     std::fill(gx + n * K * D, gx + (n + 1) * K * D, T(0));
     std::fill(gw + n * K, gw + (n + 1) * K, T(0));
     for (int64_t p = 0; p < NP; ++p) {
-      const Vec3<T> on = P.o(n, p);
       for (int64_t m = 0; m < B; ++m) {
         if (m == n) continue;
-        const Vec3<T> om = P.o(m, p);
         const int64_t as_dst = (n * B + m) * NP + p, as_src = (m * B + n) * NP + p;
         if (rec[as_dst * NREC + REC_INVW] == 0) continue;  // W = 0 for both roles
+        // a fit whose upstream gradient is 0 contributes nothing, unless it is NaN (then NaN)
+        const bool nan = std::isnan(rec[as_dst * NREC + REC_INVW]);
         const T g1 = grad_r[as_dst], g2 = grad_r[as_src];
-        const bool use1 = g1 != T(0), use2 = g2 != T(0);
+        const bool use1 = g1 != T(0) || nan, use2 = g2 != T(0) || nan;
         if (!use1 && !use2) continue;
-        const FitGrad<T> F1(rec + as_dst * NREC, g1, r[as_dst], P.full);  // n is the target of (n, m, p)
-        const FitGrad<T> F2(rec + as_src * NREC, g2, r[as_src], P.full);  // n is the source of (m, n, p)
-        for (int32_t k : P.members[p]) {
-          const T wm = P.wt(m, k), c = P.wt(n, k) * wm;
-          const Vec3<T> xn = load(P.at(n, k), D, on), xm = load(P.at(m, k), D, om);
+        const T k = P.frame(n, p).k, ik = P.frame(n, p).ik;  // the part's scale, the same in both roles
+        const FitGrad<T> F1(rec + as_dst * NREC, g1 * k, r[as_dst] * ik, P.full);  // n is the target of (n, m, p)
+        const FitGrad<T> F2(rec + as_src * NREC, g2 * k, r[as_src] * ik, P.full);  // n is the source of (m, n, p)
+        const Vec3<T>*xn = P.points(n, p), *xm = P.points(m, p);
+        const T *wn = P.weights(n, p), *wm = P.weights(m, p);
+        for (size_t q = 0; q < P.members[p].size(); ++q) {
+          const T c = wn[q] * wm[q];
           Vec3<T> gd, gs;
           T gc, acc_c = 0;
-          T* out = gx + (n * K + k) * D;
+          T* out = gx + (n * K + P.members[p][q]) * D;
           if (use1) {
-            F1.point(c, xn, xm, D, gd, gs, gc);
-            for (int a = 0; a < D; ++a) out[a] += gd[a];
+            F1.point(c, xn[q], xm[q], D, gd, gs, gc);
+            for (int a = 0; a < D; ++a) out[a] += gd[a] * ik;
             acc_c += gc;
           }
           if (use2) {
-            F2.point(c, xm, xn, D, gd, gs, gc);
-            for (int a = 0; a < D; ++a) out[a] += gs[a];
+            F2.point(c, xm[q], xn[q], D, gd, gs, gc);
+            for (int a = 0; a < D; ++a) out[a] += gs[a] * ik;
             acc_c += gc;
           }
-          gw[n * K + k] += acc_c * wm;
+          gw[n * K + P.members[p][q]] += acc_c * wm[q];
         }
       }
     }
@@ -772,11 +882,17 @@ void part_backward_py(const py::array& grad_r, const py::array& r, const py::arr
 
 void register_umeyama(py::module_& m) {
   m.attr("PART_RECORD_SIZE") = NREC;
+  py::dict layout;
+  const std::pair<const char*, int> fields[] = {{"A", REC_A},   {"t", REC_T},   {"inv_W", REC_INVW},
+                                                {"Sd", REC_SD}, {"Ss", REC_SS}, {"C", REC_C},
+                                                {"Qs", REC_QS}, {"W", REC_W},   {"size", NREC}};
+  for (const auto& [name, offset] : fields) layout[name] = offset;
+  m.attr("PART_RECORD_LAYOUT") = layout;
   m.def("umeyama_forward", &umeyama_forward_py, "umeyama forward: writes R [N,D,D], s [N], t [N,D]");
   m.def("umeyama_backward", &umeyama_backward_py,
         "umeyama backward: writes grad_src, grad_dst [N,M,D] and grad_weights [N,M]");
   m.def("part_alignment_forward", &part_forward_py,
-        "part_alignment forward: writes r [B,B,P] and the per-fit record [B,B,P,30]");
+        "part_alignment forward: writes r [B,B,P] and the per-fit records [B,B,P,PART_RECORD_SIZE]");
   m.def("part_alignment_backward", &part_backward_py,
         "part_alignment backward: writes grad_points [B,K,D] and grad_weights [B,K]");
 }

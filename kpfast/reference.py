@@ -272,9 +272,10 @@ class _OptimalRotation(torch.autograd.Function):
             u1, v1 = U[..., :, 0], Vh[..., 0, :]
             c = (u1 * v1).sum(-1)
             k = torch.linalg.cross(v1, u1)
+            # the quaternion (1 + c, k) of half the angle, normalized: orthogonal to rounding near c = -1 too
             eye = torch.eye(3, dtype=sigma.dtype, device=sigma.device)
-            denom = torch.where(1 + c > 1e-6, 1 + c, torch.ones_like(c))
-            smallest = c[..., None, None] * eye + _hat(k) + k.unsqueeze(-1) * k.unsqueeze(-2) / denom[..., None, None]
+            w, kk = (1 + c)[..., None, None], (k * k).sum(-1)[..., None, None]
+            smallest = ((w * w - kk) * eye + 2 * k.unsqueeze(-1) * k.unsqueeze(-2) + 2 * w * _hat(k)) / (w * w + kk)
             tied = (2 * (sp[..., 1] + sp[..., 2]) <= tie * lam) & (1 + c > 1e-6)
             R = torch.where(tied[..., None, None], smallest, R)
             gaps = torch.stack((sp[..., 1] + sp[..., 2], sp[..., 0] + sp[..., 2], sp[..., 0] + sp[..., 1]), -1)
@@ -304,6 +305,38 @@ class _OptimalRotation(torch.autograd.Function):
         return R @ _hat(y), None
 
 
+class _NaNGradient(torch.autograd.Function):
+    """Identity on ``tensors`` (each ``[*bad.shape, ...]``); in backward every entry of a problem
+    flagged in ``bad`` gets a NaN gradient, whatever arrives: the gradient of a fit with a
+    non-finite input (see :func:`umeyama_reference`)."""
+
+    @staticmethod
+    def forward(ctx, bad: torch.Tensor, *tensors: torch.Tensor):
+        ctx.save_for_backward(bad)
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        (bad,) = ctx.saved_tensors
+        out = []
+        for g in grads:
+            if g is not None:
+                mask = bad
+                for d in range(bad.dim()):  # a tensor broadcast along d: NaN if any problem along d is bad
+                    if g.shape[d] == 1 < bad.shape[d]:
+                        mask = mask.any(d, keepdim=True)
+                g = g.masked_fill(mask.reshape(mask.shape + (1,) * (g.dim() - mask.dim())), float("nan"))
+            out.append(g)
+        return (None, *out)
+
+
+def _non_finite(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per problem (broadcast): whether ``x``, ``y`` ``[..., M, D]`` or ``w [..., M]`` hold a NaN or
+    infinite entry."""
+    return ~(torch.isfinite(x).all(-1).all(-1) & torch.isfinite(y).all(-1).all(-1) & torch.isfinite(w).all(-1))
+
+
 def umeyama_reference(
     src: torch.Tensor,
     dst: torch.Tensor,
@@ -326,14 +359,18 @@ def umeyama_reference(
     Degenerate cases (tolerances :data:`UMEYAMA_TOL`, chosen by ``tol_dtype``, default the
     inputs' dtype), checked in this order:
 
-    1. ``W <= 0`` or the source has no spread (one point, coincident points, all-zero
-       weights): ``R = I``, ``s = 1``, ``t = mu_d - mu_s`` (means are 0 when ``W = 0``).
+    1. ``W = 0`` or the source has no spread (one point, coincident points, all-zero
+       weights): ``R = I``, ``s = 1``, ``t = mu_d - mu_s`` (means are 0 when ``W = 0``;
+       the fit is then not differentiable in the weights and every gradient is 0).
     2. The target has no spread: ``R = I``, ``s = 0`` (1 with ``scale=False``), ``t = mu_d - s mu_s``.
     3. Uncorrelated (``lam`` negligible): ``R = I``, ``s = tr(Sigma) / var_s``.
     4. 3D ties (collinear or two-point sets): ``R`` is the optimal rotation closest to
        the identity (see :class:`_OptimalRotation`).
 
-    In cases 1-3 ``R`` (and ``s`` in 1-2) are constants for autograd.
+    In cases 1-3 ``R`` (and ``s`` in 1-2) are constants for autograd. A problem with a NaN
+    or infinite coordinate or weight (any point, whatever its weight) gives NaN ``R``, ``t``
+    and ``s`` (``s = 1`` with ``scale=False``), and NaN gradients to all of its ``src``,
+    ``dst`` and ``weights``, whatever the incoming gradient.
 
     Args:
         src, dst: ``[..., M, D]`` with D in {2, 3} (same shape).
@@ -356,12 +393,14 @@ def umeyama_reference(
     x, y = src.double(), dst.double()
     D = x.shape[-1]
     w = torch.ones_like(x[..., 0]) if weights is None else weights.double()
+    bad = _non_finite(x, y, w)
+    x, y, w = _NaNGradient.apply(bad, x, y, w)
     W = w.sum(-1)
-    has = W > 0
+    has = W != 0  # NaN too
     Wsafe = torch.where(has, W, torch.ones_like(W))
 
-    def mean(v):
-        return (w.unsqueeze(-1) * v).sum(-2) / Wsafe.unsqueeze(-1)
+    def mean(v):  # 0, a constant, when W = 0
+        return torch.where(has.unsqueeze(-1), (w.unsqueeze(-1) * v).sum(-2) / Wsafe.unsqueeze(-1), 0.0)
 
     mu_s, mu_d = mean(x), mean(y)
     xs, yd = x - mu_s.unsqueeze(-2), y - mu_d.unsqueeze(-2)
@@ -385,6 +424,9 @@ def umeyama_reference(
     else:
         s = torch.ones_like(W)
     t = mu_d - s.unsqueeze(-1) * (R @ mu_s.unsqueeze(-1)).squeeze(-1)
+    R = R.masked_fill(bad[..., None, None], float("nan"))
+    t = t.masked_fill(bad.unsqueeze(-1), float("nan"))
+    s = s.masked_fill(bad, float("nan")) if scale else s
     return R.to(out_dtype), s.to(out_dtype), t.to(out_dtype)
 
 
@@ -404,10 +446,12 @@ def part_alignment_reference(
         (R, s, t) = umeyama_reference(src = points[j], dst = points[i], weights = c)
         r[i, j, p] = sum_k c_k |points[i, k] - (s R points[j, k] + t)|_1 / sum_k c_k
 
-    ``r[i, j, p] = 0`` when ``sum_k c_k = 0`` and on the diagonal ``i = j`` (the exact
-    self-fit; set, not computed, so that rounding gives no spurious gradient). Points outside
-    part ``p`` never enter its fits: a NaN coordinate makes ``r`` NaN exactly for the pairs
-    ``(i, j)`` of its sample and the parts that contain it (weight zero or not). With
+    ``r[i, j, p] = 0`` with zero gradients when ``sum_k c_k = 0`` and on the diagonal
+    ``i = j`` (the exact self-fit; set, not computed, so that rounding gives no spurious
+    gradient). Points outside part ``p`` never enter its fits: a NaN or infinite coordinate
+    or weight makes ``r`` NaN exactly for the pairs ``(i, j)`` of its sample and the parts
+    that contain it (weight zero or not), and the gradient of every coordinate and weight of
+    those parts' points in both samples NaN, whatever the incoming gradient. With
     ``detach_transform`` the gradient flows only through the explicit points of the
     residual, ``(R, s, t)`` held constant (the paper's choice). Everything is
     materialized: ``B*B*P`` fits of ``K`` points each, in float64, batched through one
@@ -435,13 +479,17 @@ def part_alignment_reference(
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     dst = torch.where(inside, x[:, None, None], zero)  # [B, B, P, K, D]: target sample i
     src = torch.where(inside, x[None, :, None], zero)  # source sample j
-    c = torch.where(inside[..., 0], w[:, None, None, :] * w[None, :, None, :], zero)
+    wi = torch.where(inside[..., 0], w[:, None, None, :], zero)  # masked before the product: the
+    c = wi * torch.where(inside[..., 0], w[None, :, None, :], zero)  # NaN weight of a non-member gets no gradient
+    diag = torch.eye(B, dtype=torch.bool, device=x.device)[:, :, None]
+    bad = _non_finite(dst, src, c) & ~diag
+    dst, src, c = _NaNGradient.apply(bad, dst, src, c)
     R, s, t = umeyama_reference(src, dst, c, scale=scale, tol_dtype=points.dtype)
     if detach_transform:
         R, s, t = R.detach(), s.detach(), t.detach()
     fitted = s[..., None, None] * (src @ R.transpose(-1, -2)) + t.unsqueeze(-2)
     err = (dst - fitted).abs().sum(-1)
     W = c.sum(-1)
-    r = (c * err).sum(-1) / torch.where(W > 0, W, torch.ones_like(W))
-    diag = torch.eye(B, dtype=torch.bool, device=x.device)[:, :, None]
-    return torch.where(diag, torch.zeros_like(r), r).to(points.dtype)
+    r = (c * err).sum(-1) / torch.where(W != 0, W, torch.ones_like(W))
+    r = torch.where(diag | (W == 0), torch.zeros_like(r), r).masked_fill(bad, float("nan"))
+    return r.to(points.dtype)

@@ -258,7 +258,7 @@ def test_validation_names_the_argument():
         (lambda: kpfast.part_alignment(x, torch.ones(2, 4, dtype=torch.bool)), ValueError, "parts"),
         (lambda: kpfast.part_alignment(x, torch.ones(5, dtype=torch.bool)), ValueError, "parts"),
         (lambda: kpfast.part_alignment(x, parts, torch.rand(3, 4)), ValueError, "weights"),
-        (lambda: kpfast.part_alignment(x, parts, torch.rand(3, 5).double()), TypeError, "weights"),
+        (lambda: kpfast.part_alignment(x, parts, torch.ones(3, 5, dtype=torch.int64)), TypeError, "weights"),
         (lambda: kpfast.part_alignment(x, parts, -torch.rand(3, 5)), ValueError, "non-negative"),
         (lambda: kpfast.part_alignment(x, parts, scale="yes"), TypeError, "scale"),
         (lambda: kpfast.part_alignment(x, parts, detach_transform=0), TypeError, "detach_transform"),
@@ -268,6 +268,14 @@ def test_validation_names_the_argument():
     for fn, exc, text in cases:
         with pytest.raises(exc, match=text):
             fn()
+
+
+def test_record_layout_is_the_one_of_the_extension():
+    """The Triton kernels keep the per-fit record in the layout of csrc/umeyama.cpp (issue 15: the
+    30-float record was written in three places)."""
+    kernels = _backends.triton_kernels("umeyama")
+    assert kernels.RECORD == _backends.cpp().PART_RECORD_LAYOUT
+    assert kernels.RECORD["size"] == _backends.cpp().PART_RECORD_SIZE
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -324,6 +332,89 @@ def test_nan_reaches_exactly_the_fits_of_its_parts(backend):
     assert torch.equal(torch.isnan(r), nan), f"seed {seed}: {r}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("detach", [True, False])
+def test_nan_gradients_reach_exactly_the_points_of_nan_fits(backend, detach):
+    """Backward of a fit with a non-finite input: NaN for every coordinate and weight of its
+    part's points in both samples, whatever the incoming gradient (here 0 on those fits), and
+    nothing else (issue 11 item 2: C++ returned finite gradients for a NaN weight)."""
+    gen = torch.Generator().manual_seed(21)
+    pts, _, w = make_problem(gen, B=3, K=10)
+    parts = torch.zeros(3, 10, dtype=torch.bool)
+    parts[0, :4] = True
+    parts[1, 4:8] = True
+    parts[2, 5:] = True
+    pts[1, 2, 0] = float("nan")  # in part 0 of sample 1
+    w[2, 4] = float("nan")       # in part 1 (not part 2) of sample 2
+    dev = device_for(backend)
+    x, ww = pts.to(dev).requires_grad_(), w.to(dev).requires_grad_()
+    r = run(backend, kpfast.part_alignment, x, parts.to(dev), ww, detach_transform=detach)
+    bad = torch.isnan(r.detach().cpu())
+    upstream = torch.randn(r.shape, generator=gen, dtype=torch.float64).masked_fill(bad, 0.0)
+    gx, gw = (g.cpu() for g in torch.autograd.grad(r, (x, ww), upstream.to(dev)))
+    want = torch.zeros(3, 10, dtype=torch.bool)  # [sample, point]: a member of a NaN fit
+    for i, j, p in bad.nonzero().tolist():
+        want[i, parts[p]] = want[j, parts[p]] = True
+    assert torch.equal(want, torch.arange(10).expand(3, 10) < 8)  # parts 0 and 1 of every sample
+    assert torch.equal(torch.isnan(gx).any(-1), want) and torch.equal(torch.isnan(gx).all(-1), want), backend
+    assert torch.equal(torch.isnan(gw), want), backend
+    assert torch.isfinite(gx[~want]).all() and (gx[~want] != 0).any(), backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_a_part_without_weight_gives_zero_and_no_gradient(backend):
+    """r = 0 and no gradient at all for a fit whose weights are all 0 (the reference gave d r / d w
+    = the residual of an unweighted sum there: issue 11 item 7)."""
+    gen = torch.Generator().manual_seed(23)
+    pts, _, w = make_problem(gen, B=3, K=9)
+    parts = torch.ones(1, 9, dtype=torch.bool)
+    w[1] = 0.0  # every fit with sample 1 has no weight
+    dev = device_for(backend)
+    x, ww = pts.to(dev).requires_grad_(), w.to(dev).requires_grad_()
+    r = run(backend, kpfast.part_alignment, x, parts.to(dev), ww, detach_transform=False)
+    assert torch.all(r[1] == 0) and torch.all(r[:, 1] == 0)
+    upstream = torch.zeros(r.shape, dtype=torch.float64)
+    upstream[1, 0] = upstream[2, 1] = 1.0
+    gx, gw = torch.autograd.grad(r, (x, ww), upstream.to(dev))
+    assert torch.all(gx == 0) and torch.all(gw == 0), backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_two_point_and_collinear_parts_are_finite_in_float32(backend):
+    """Two-point parts and collinear 3-point parts (an animal's leg) on the default float32 CPU
+    path: 246 and 244 of 4,096 residuals were NaN in C++ (issue 11 item 1)."""
+    gen = torch.Generator().manual_seed(25)
+    B = 6 if backend == "triton" else 32
+    pts = torch.randn(B, 5, 3, generator=gen, dtype=torch.float64)
+    direction = torch.randn(B, 1, 3, generator=gen, dtype=torch.float64)
+    pts[:, 2:5] = pts[:, 2:3] + torch.tensor([0.0, 0.6, -1.1], dtype=torch.float64)[:, None] * direction
+    parts = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    dev = device_for(backend)
+    noise = 1e-3 * torch.randn(B, 5, 3, generator=gen, dtype=torch.float64)
+    for pts_ in (pts, pts + noise):  # the residual of an exactly collinear part is unique, a noisy one's is not
+        x = pts_.float().to(dev).requires_grad_()
+        r = run(backend, kpfast.part_alignment, x, parts.to(dev))
+        (g,) = torch.autograd.grad(r.sum(), x)
+        assert torch.isfinite(r).all() and torch.isfinite(g).all(), backend
+    x = pts.float()
+    r = run(backend, kpfast.part_alignment, x.to(dev), parts.to(dev)).cpu().double()
+    assert (r - part_alignment_reference(x.double(), parts)).abs().max() < 1e-5, backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_residuals_are_right_from_1e_minus_30_to_1e20(backend):
+    """r in float32 at every coordinate scale the float64 reference handles (issue 11 item 5)."""
+    gen = torch.Generator().manual_seed(27)
+    pts, parts, w = make_problem(gen, B=3 if backend == "triton" else 6, K=9)
+    dev = device_for(backend)
+    for exponent in (-30, -12, 10, 20):
+        a = 10.0 ** exponent
+        x = (a * pts).float()
+        r = run(backend, kpfast.part_alignment, x.to(dev), parts.to(dev), w.float().to(dev)).cpu().double()
+        rr = part_alignment_reference(x.double(), parts, w.float().double())
+        assert ((r - rr).abs() / a).max() < 1e-4, f"{backend} at 1e{exponent}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shapes_spanning_several_blocks(backend, monkeypatch):
     """More samples and points than one program's block: every loop over blocks of samples and
@@ -332,8 +423,7 @@ def test_shapes_spanning_several_blocks(backend, monkeypatch):
     B, K, P, N, M = 17, 37, 2, 45, 21
     if backend == "triton":
         kernels = _backends.triton_kernels("umeyama")
-        for name, value in dict(PART_BLOCK_J=2, PART_BLOCK_K=8, PART_BWD_BLOCK_M=2, PART_BWD_BLOCK_K=8,
-                                UMEYAMA_BLOCK_N=8, UMEYAMA_BLOCK_M=4).items():
+        for name, value in dict(PART_BLOCK_PAIRS=4, PART_BWD_BLOCK_POINTS=8, UMEYAMA_BLOCK_N=8).items():
             monkeypatch.setattr(kernels, name, value)
         B, K, P, N, M = 3, 11, 1, 9, 6
     pts, parts, w = make_problem(gen, B=B, K=K, P=P)

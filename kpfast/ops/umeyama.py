@@ -15,7 +15,12 @@ from ..reference import part_alignment_reference, umeyama_reference, umeyama_tol
 from . import _backends, _checks
 
 n = _backends.as_numpy
-PART_RECORD_SIZE = 30  # per-fit floats kept for backward (csrc/umeyama.cpp, kernels/umeyama.py)
+
+
+def _record_size() -> int:
+    """Floats part_alignment keeps per fit for backward (the layout of csrc/umeyama.cpp, which
+    kernels/umeyama.py shares)."""
+    return _backends.cpp().PART_RECORD_SIZE
 
 
 def _compute(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -148,16 +153,27 @@ def umeyama(src: Tensor, dst: Tensor, weights: Optional[Tensor] = None, *, scale
       onto the target line); its gradient has no component about that line.
 
     In the first three cases ``R`` (and ``s`` in the first two) are constants for
-    autograd. Gradients stay finite when singular values coincide (a regular tetrahedron
-    aligned to itself): the rotation is differentiated through its optimality condition,
-    whose denominators are sums, not differences, of singular values. A reflected
-    target whose two smaller singular values coincide has no unique best rotation; one
-    of them is returned. NaN inputs give NaN outputs for the problems they touch.
+    autograd; with ``sum w = 0`` the fit is not differentiable in the weights (it jumps to
+    ``t = dst_m - src_m`` as soon as one weight ``w_m`` turns positive) and every gradient
+    of the problem is 0. Gradients stay finite when singular values coincide (a regular
+    tetrahedron aligned to itself): the rotation is differentiated through its optimality
+    condition, whose denominators are sums, not differences, of singular values. A
+    reflected target whose two smaller singular values coincide has no unique best
+    rotation; one of them is returned.
+
+    Non-finite inputs: a problem with a NaN or infinite coordinate (in ``src`` or ``dst``)
+    or weight, at any point and whatever that point's weight, returns NaN ``R``, ``t`` and
+    ``s`` (``s = 1`` with ``scale=False``), and its backward gives NaN gradients to all of
+    its ``src``, ``dst`` and ``weights``, whatever the incoming gradient. The other
+    problems of the batch are unaffected. Every fit runs in its own frame (shifted to a
+    centroid and divided by a power of two near its largest coordinate), so float32 fits
+    are as accurate from coordinates of about 1e-30 to 1e20 as near 1.
 
     Args:
         src: ``[..., M, D]`` source points, D in {2, 3}.
-        dst: ``[..., M, D]`` target points, same dtype and device.
-        weights: ``[..., M]`` non-negative weights in the same dtype, or None (ones).
+        dst: ``[..., M, D]`` target points on the same device (any float dtype: converted
+            to the dtype of ``src``, as ``weights``).
+        weights: ``[..., M]`` non-negative weights, or None (ones).
             Negative weights are rejected on CPU; on CUDA they are not checked (that
             would synchronize) and give the formula's value, not a least-squares fit.
         scale: fit the scale (similarity); ``False`` fits a rigid motion, ``s = 1``.
@@ -179,16 +195,12 @@ def umeyama(src: Tensor, dst: Tensor, weights: Optional[Tensor] = None, *, scale
     """
     _points("src", src)
     _points("dst", dst)
-    if src.dtype != dst.dtype:
-        raise TypeError(f"src and dst must have the same dtype, got src {_checks.describe(src)}, dst {_checks.describe(dst)}")
     M, D = src.shape[-2:]
     if tuple(dst.shape[-2:]) != (M, D):
         raise ValueError(f"dst must have shape [..., M, D] = [..., {M}, {D}] like src, got {_checks.describe(dst)}")
     batch_shapes = [src.shape[:-2], dst.shape[:-2]]
     if weights is not None:
         _checks.tensor("weights", weights)
-        if weights.dtype != src.dtype:
-            raise TypeError(f"weights must have the dtype of src ({src.dtype}), got {_checks.describe(weights)}")
         if weights.dim() < 1 or weights.shape[-1] != M:
             raise ValueError(f"weights must have shape [..., M] with M = {M}, got {_checks.describe(weights)}")
         batch_shapes.append(weights.shape[:-1])
@@ -205,8 +217,8 @@ def umeyama(src: Tensor, dst: Tensor, weights: Optional[Tensor] = None, *, scale
     for d in batch:
         N *= d
     x = src.expand(*batch, M, D).reshape(N, M, D)
-    y = dst.expand(*batch, M, D).reshape(N, M, D)
-    w = None if weights is None else weights.expand(*batch, M).reshape(N, M)
+    y = dst.to(src.dtype).expand(*batch, M, D).reshape(N, M, D)
+    w = None if weights is None else weights.to(src.dtype).expand(*batch, M).reshape(N, M)
     chosen = _backend.get_backend()
     if chosen == "reference":
         _check_weights_cpu(w)
@@ -232,7 +244,7 @@ def _part_alignment_op(
         r, rec = _backends.triton_kernels("umeyama").part_alignment_forward(x, m, w, scale, full, _tol(points.dtype))
     else:
         r = torch.empty(B, B, P, dtype=x.dtype)
-        rec = torch.empty(B, B, P, PART_RECORD_SIZE, dtype=x.dtype)
+        rec = torch.empty(B, B, P, _record_size(), dtype=x.dtype)
         _backends.cpp().part_alignment_forward(
             n(x), n(m), n(w), scale, full, *_tol(points.dtype), n(r), n(rec), _backends.threads()
         )
@@ -242,7 +254,7 @@ def _part_alignment_op(
 @_part_alignment_op.register_fake
 def _(points, parts, weights, scale, full, backend):
     B, P = points.shape[0], parts.shape[0]
-    return points.new_empty(B, B, P), points.new_empty(B, B, P, PART_RECORD_SIZE, dtype=_checks.compute_dtype(points.dtype))
+    return points.new_empty(B, B, P), points.new_empty(B, B, P, _record_size(), dtype=_checks.compute_dtype(points.dtype))
 
 
 @torch.library.custom_op("kpfast::part_alignment_backward", mutates_args=(), device_types=("cpu", "cuda"))
@@ -320,9 +332,15 @@ def part_alignment(
     the fitted transform (implicit-function derivative of the rotation, finite at
     coinciding singular values). The L1 subgradient at a zero residual component is 0
     (as ``torch.abs``); parts that fit exactly (one or two points) have residuals at
-    rounding level, whose signs are rounding noise. Points outside a part never enter its
-    fits: a NaN coordinate (or weight) makes ``r`` NaN exactly for the pairs of its sample
-    and the parts that contain that point.
+    rounding level, whose signs are rounding noise. A part with no weight (``sum_k c_k =
+    0``) has ``r = 0`` and gives no gradient.
+
+    Non-finite inputs: points outside a part never enter its fits, and a NaN or infinite
+    coordinate or weight makes ``r[i, j, p]`` NaN exactly for the pairs ``i != j`` of its
+    sample and the parts ``p`` that contain that point (whatever its weight); backward then
+    gives NaN gradients to every coordinate and weight of those parts' points in both
+    samples, whatever the incoming gradient, and leaves the other points' gradients as
+    they are. ``r[i, i, p]`` stays 0.
 
     Invariances (``scale=True``): ``r[i, j, p]`` does not change when any similarity
     (proper rotation, positive scale, translation) is applied to sample ``j`` alone;
@@ -335,7 +353,8 @@ def part_alignment(
     Args:
         points: ``[B, K, D]`` keypoints, D in {2, 3} (the paper's ``(x, y, depth)``).
         parts: ``[P, K]`` bool mask, one row per part (the whole object may be a part).
-        weights: ``[B, K]`` non-negative per-keypoint weights in the dtype of ``points``, or None.
+        weights: ``[B, K]`` non-negative per-keypoint weights (any float dtype: converted to
+            the dtype of ``points``), or None.
             Negative weights are rejected on CPU, not checked on CUDA (see :func:`umeyama`).
         scale: fit similarities (``True``) or rigid motions (``False``).
         detach_transform: hold the fitted transforms constant in backward.
@@ -369,14 +388,13 @@ def part_alignment(
         raise ValueError(f"parts must have shape [P, K] with K = {K}, got {_checks.describe(parts)}")
     if weights is not None:
         _checks.tensor("weights", weights, ndim=2)
-        if weights.dtype != points.dtype:
-            raise TypeError(f"weights must have the dtype of points ({points.dtype}), got {_checks.describe(weights)}")
         if tuple(weights.shape) != (B, K):
             raise ValueError(f"weights must have shape [B, K] = [{B}, {K}], got {_checks.describe(weights)}")
     for name, flag in (("scale", scale), ("detach_transform", detach_transform)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     _checks.same_device(points=points, parts=parts, weights=weights)
+    weights = None if weights is None else weights.to(points.dtype)
 
     chosen = _backend.get_backend()
     if chosen == "reference":
