@@ -1,17 +1,11 @@
 """Training configuration: one dataclass, named presets, validation with clear errors.
 
-Methods (``method``):
-
-- ``"full"``: the paper: few-shot L1 + reconstruction (skeleton edge map with
-  uncertainty, 90 % patch masking, L1 + perceptual) + 2D equivariance + 3D part
-  geometry (+ the face smoothness penalty on faces);
-- ``"supervised"``: the few-shot L1 loss only, same detector and schedule;
-- ``"autolink-few"``: AutoLink's all-pairs learned-weight graph + reconstruction
-  + few-shot L1 (no geometry, no uncertainty).
-
-Ablations (``without``, any subset): ``recon``, ``geo2d``, ``geo3d``,
-``uncertainty`` (``full`` only) and ``kmeans`` (random few-shot examples instead
-of the k-means selection; any method).
+Methods (``method``) and the components each can switch off (``without``) are
+the registry :data:`kpfast.methods.METHODS`: ``"full"`` (the paper; ablations
+``recon``, ``geo2d``, ``geo3d``, ``uncertainty``), ``"supervised"`` (few-shot L1
+only), ``"autolink-few"`` (AutoLink's all-pairs graph + reconstruction + few-shot
+L1); every method takes ``kmeans`` (random few-shot examples instead of the
+k-means selection).
 
 The config lives outside :mod:`kpfast.train`: every checkpoint records the config of
 its run, and inference (:func:`kpfast.load`) reads it back to rebuild the detector.
@@ -27,12 +21,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-METHODS = ("full", "supervised", "autolink-few")
+from .methods import ABLATIONS, METHODS as METHOD_REGISTRY
+
+METHODS = tuple(METHOD_REGISTRY)
 # fields that change where and how a run reports, not what it computes (a resumed run or a
 # rerun may change them)
 RUN_FIELDS = frozenset({"resume", "overwrite", "progress", "out", "checkpoint_every", "log_every", "image_every",
                         "eval_batch", "device", "cache_dir", "preset", "diagnostics_every"})
-ABLATIONS = ("recon", "geo2d", "geo3d", "uncertainty", "kmeans")
 OPS = ("fused", "reference")
 LR_SCHEDULES = ("constant", "cosine")
 NORMS = ("batch", "group", "none")
@@ -162,17 +157,14 @@ class TrainConfig:
         return self.ramp_iterations if self.ramp_iterations is not None else self.iterations
 
     def uses(self, component: str) -> bool:
-        """Whether the run trains with ``component`` (``recon``, ``geo2d``, ``geo3d``,
-        ``uncertainty``, ``smooth``, ``kmeans``)."""
+        """Whether the run trains with ``component`` (one of its method's components in
+        :data:`kpfast.methods.METHODS`, e.g. ``recon``, ``geo2d``, ``smooth``; or ``kmeans``)
+        and has not switched it off."""
         if component == "kmeans":
             return "kmeans" not in self.without
-        if self.method == "supervised":
+        if component not in METHOD_REGISTRY[self.method].components or component in self.without:
             return False
-        if self.method == "autolink-few":
-            return component == "recon"
-        if component == "smooth":
-            return self.w_smooth > 0
-        return component not in self.without
+        return component != "smooth" or self.w_smooth > 0
 
     @property
     def method_label(self) -> str:
@@ -249,9 +241,11 @@ class TrainConfig:
         unknown = [w for w in self.without if w not in ABLATIONS]
         if unknown:
             bad(f"without: unknown component(s) {unknown}; choose from {ABLATIONS}")
-        not_full = [w for w in self.without if w != "kmeans"]
-        if self.method != "full" and not_full:
-            bad(f"without {not_full} only applies to method 'full' (method {self.method!r} does not use them)")
+        own = METHOD_REGISTRY[self.method].ablations
+        for w in self.without:
+            if w not in own:
+                owners = " or ".join(f"method {m!r}" for m, spec in METHOD_REGISTRY.items() if w in spec.ablations)
+                bad(f"without {w!r} only applies to {owners} (method {self.method!r} can switch off {list(own)})")
         if self.ops not in OPS:
             bad(f"ops must be one of {OPS}, got {self.ops!r}")
         if self.lr_schedule not in LR_SCHEDULES:

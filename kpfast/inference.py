@@ -23,7 +23,7 @@ from torch import Tensor
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_path
 from .config import TrainConfig
 from .data import KeypointMeta
-from .models import KeypointDetector
+from .methods import DETECTOR_INFERENCE, method, resolve
 
 ImageInput = Union[Tensor, np.ndarray, "PIL.Image.Image", Sequence]  # noqa: F821
 
@@ -193,15 +193,16 @@ def load(checkpoint: Union[str, os.PathLike], *, device: Union[str, torch.device
     cfg = TrainConfig.from_dict(ckpt["config"])
     state = ckpt["model"]
     if ckpt.get("kind") == "training":
+        if method(cfg.method).inference != DETECTOR_INFERENCE:  # its training checkpoint holds more than a detector
+            raise CheckpointError(f"{path}: a training checkpoint of method {cfg.method!r}; load the run's model.pt")
         state = {k[len("detector."):]: v for k, v in state.items() if k.startswith("detector.")}
     try:
         meta = KeypointMeta.from_config(ckpt["meta"])
-        det = KeypointDetector(meta.num_keypoints, widths=cfg.detector_widths, up_widths=cfg.detector_up_widths,
-                               norm=cfg.norm, depth_scale=cfg.depth_scale)
+        det = resolve(method(cfg.method).inference)(cfg, meta)
         det.load_state_dict(state)
     except (RuntimeError, ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{path}: its keypoint meta or weights do not fit the detector its config "
-                              f"describes ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: its keypoint meta or weights do not fit the {cfg.method} network its "
+                              f"config describes ({type(e).__name__}: {e})") from None
     if cfg.channels_last:
         det = det.to(memory_format=torch.channels_last)
     info = {"config": ckpt["config"], "step": ckpt.get("step"), "kind": ckpt.get("kind")}

@@ -114,3 +114,10 @@ class KeypointDetector(nn.Module):
         keypoints, values = soft_argmax(heat, [unc, dep], beta=self.beta)
         return Detections(keypoints=keypoints, uncertainty=values[..., 0],
                           depth=torch.tanh(values[..., 1] / self.depth_scale), heatmaps=heat, uncertainty_maps=unc)
+
+
+def detector_from_config(cfg, meta) -> KeypointDetector:
+    """The :class:`KeypointDetector` a :class:`kpfast.config.TrainConfig` trains for ``meta`` (what
+    :func:`kpfast.load` rebuilds from the ``model.pt`` of the paper's method and its baselines)."""
+    return KeypointDetector(meta.num_keypoints, widths=cfg.detector_widths, up_widths=cfg.detector_up_widths,
+                            norm=cfg.norm, depth_scale=cfg.depth_scale)

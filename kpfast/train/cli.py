@@ -216,11 +216,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     from ..safe_load import LoadError
-    from .loop import NonFiniteLossError, Trainer
+    from .loop import NonFiniteLossError, trainer_class
     from .run_folder import RunFolderError
 
     try:
-        Trainer(cfg).run()
+        trainer_class(cfg)(cfg).run()
     except NonFiniteLossError as e:
         print(f"kpfast train: {e}", file=sys.stderr)
         return 1

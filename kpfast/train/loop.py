@@ -25,6 +25,7 @@ from torch import Tensor
 from .. import backend
 from ..checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, CheckpointError, load_checkpoint
 from ..config import TrainConfig, run_differences
+from ..methods import method, resolve
 from ..losses import build_perceptual_loss
 from ..models import FewShotKeypointModel, ModelOutputs
 from .announce import TimeEstimate, describe_run
@@ -39,7 +40,7 @@ from .run_folder import RunFolder, RunFolderError, prepare_run_folder
 from .run_log import RunLog
 from .streams import RandomStreams, global_rng_state, set_global_rng_state, stream_seed
 
-__all__ = ["Trainer", "run", "build_model", "parameter_groups", "NonFiniteLossError"]
+__all__ = ["Trainer", "run", "trainer_class", "build_model", "parameter_groups", "NonFiniteLossError"]
 
 
 def build_model(cfg: TrainConfig, meta) -> FewShotKeypointModel:
@@ -103,17 +104,14 @@ class Trainer:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stream_seed(cfg.seed, "init"))  # identical initial weights on every rank
-            self.model = build_model(cfg, self.meta).to(self.device)
-        self.perceptual = build_perceptual_loss(cfg.perceptual) if cfg.uses("recon") else None
-        if self.perceptual is not None:
-            self.perceptual.to(self.device)
-        self.objective = Objective(cfg, self.meta, self.perceptual)
-        self.optimizer = torch.optim.Adam(parameter_groups(self.model, cfg), lr=cfg.lr, betas=cfg.betas)
+            self.build_networks()
+        self.build_objective()
+        self.optimizer = self.build_optimizer()
 
         # one generator per kind of draw (transforms, masks, partners), per rank: see streams.py
         self.streams = RandomStreams(cfg.seed, self.world.rank)
         self.step_random_state: Optional[dict] = None
-        self.unlabeled_batch = 0 if cfg.method == "supervised" else cfg.batch_unlabeled
+        self.unlabeled_batch = cfg.batch_unlabeled if method(cfg.method).unlabeled else 0
         self.unlabeled = BatchStream(range(len(self.data.train)), max(self.unlabeled_batch, 1),
                                      seed=stream_seed(cfg.seed, "unlabeled"), rank=self.world.rank,
                                      world_size=self.world.size)
@@ -135,6 +133,39 @@ class Trainer:
         self.log = RunLog(self.out, total=cfg.iterations, start_step=self.step, every=cfg.log_every,
                           progress=cfg.progress, enabled=self.world.is_main, bar_keys={*self.objective.weights, "total"})
         self.hooks = Hooks(self.default_hooks())
+
+    # -- what a method defines (a method's trainer subclass overrides these) -----
+    def build_networks(self) -> None:
+        """``self.model`` (on the device; its initial weights drawn from the run's ``init`` stream) and
+        the frozen ``self.perceptual`` network of the reconstruction loss (or None)."""
+        self.model = build_model(self.cfg, self.meta).to(self.device)
+        self.perceptual = build_perceptual_loss(self.cfg.perceptual) if self.cfg.uses("recon") else None
+        if self.perceptual is not None:
+            self.perceptual.to(self.device)
+
+    def build_objective(self) -> None:
+        """``self.objective``: called as ``(model, batch, step, streams)`` -> ``(terms, outputs)``, with
+        ``total(terms)`` and the term ``weights`` (see :class:`Objective`)."""
+        self.objective = Objective(self.cfg, self.meta, self.perceptual)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """Adam over :func:`parameter_groups` (each group's ``lr_scale`` multiplies the schedule)."""
+        return torch.optim.Adam(parameter_groups(self.model, self.cfg), lr=self.cfg.lr, betas=self.cfg.betas)
+
+    def detect(self, images: Tensor) -> Tensor:
+        """Keypoints ``[B, K, 2]`` of ``images`` by the trained model in eval mode (for the evaluation)."""
+        return self.model.detector(images).keypoints
+
+    def inference_state(self) -> dict[str, Tensor]:
+        """The weights ``model.pt`` keeps: those of the network :func:`kpfast.load` rebuilds for this
+        method (:data:`kpfast.methods.METHODS`), here the detector's."""
+        return {k[len("detector."):]: v for k, v in self.model.state_dict().items() if k.startswith("detector.")}
+
+    def draw_pictures(self, folder: Path, prefix: str = "", n: int = 16) -> None:
+        """The run's PNGs (see :class:`~kpfast.train.results.Pictures`)."""
+        from .results import draw_keypoint_model_pictures
+
+        draw_keypoint_model_pictures(self, folder, prefix, n)
 
     def default_hooks(self) -> list[Hook]:
         """The hooks of a run, in the order they are called (:mod:`kpfast.train.hooks`). Every rank
@@ -326,4 +357,9 @@ def run(config: Union[TrainConfig, dict, str, None] = None, **overrides: Any) ->
         cfg = TrainConfig(**overrides)
     else:
         raise TypeError(f"config must be a TrainConfig, dict, preset name or None, got {type(config).__name__}")
-    return Trainer(cfg).run()
+    return trainer_class(cfg)(cfg).run()
+
+
+def trainer_class(cfg: TrainConfig) -> type[Trainer]:
+    """The :class:`Trainer` (sub)class of ``cfg.method`` (:data:`kpfast.methods.METHODS`)."""
+    return resolve(method(cfg.method).trainer)

@@ -59,9 +59,8 @@ class Checkpointer(Hook):
     def save_model(self) -> None:
         """``model.pt``: what inference needs (detector weights, meta, config), for :func:`kpfast.load`."""
         tr = self.trainer
-        det = {k[len("detector."):]: v for k, v in tr.model.state_dict().items() if k.startswith("detector.")}
         save_checkpoint_file({"format": "kpfast", "version": FORMAT_VERSION, "kind": "model", "step": tr.step,
-                              "config": tr.cfg.to_dict(), "meta": tr.meta.to_dict(), "model": det},
+                              "config": tr.cfg.to_dict(), "meta": tr.meta.to_dict(), "model": tr.inference_state()},
                              tr.out / MODEL_NAME)
 
 
@@ -79,32 +78,35 @@ class Pictures(Hook):
     def after_train(self) -> None:
         self.write(self.trainer.out)
 
-    @torch.no_grad()
     def write(self, folder: Path, prefix: str = "") -> None:
-        """``predictions.png`` (the first ``n`` test images, certainty colours, ground truth beside)
-        and, with reconstruction, ``reconstructions.png`` and ``edge_maps.png``."""
-        from .. import viz
-        from ..data import collate_samples
-        from ..models import patch_mask
+        self.trainer.draw_pictures(folder, prefix, self.n)
 
-        tr = self.trainer
-        tr.model.eval()
-        b = collate_samples([tr.data.test[i] for i in range(min(self.n, len(tr.data.test)))])
-        images = b["image"].to(tr.device)
-        g = torch.Generator().manual_seed(0)  # pictures never touch the run's random stream
-        masked = patch_mask(images, tr.objective.patch, tr.cfg.mask_ratio, generator=g)[0] \
-            if tr.model.unet is not None else None
-        with backend.use_backend(tr.backend):
-            out = tr.model(images, masked=masked, use_uncertainty=tr.cfg.uses("uncertainty"))
-        det = out.detections
-        viz.save(viz.prediction_sheet(images.cpu(), det.keypoints.cpu(), tr.meta,
-                                      certainty=torch.sigmoid(det.uncertainty).cpu(), ground_truth=b["keypoints"],
-                                      cols=4), folder / f"{prefix}predictions.png")
-        if out.masked is not None:
-            viz.save(viz.reconstruction_sheet(images.cpu(), out.masked.cpu(), out.edge_map.cpu(),
-                                              out.reconstruction.cpu()), folder / f"{prefix}reconstructions.png")
-            viz.save(viz.edge_map_sheet(out.edge_map.cpu()), folder / f"{prefix}edge_maps.png")
-        tr.model.train()
+
+@torch.no_grad()
+def draw_keypoint_model_pictures(tr: Trainer, folder: Path, prefix: str = "", n: int = 16) -> None:
+    """``predictions.png`` (the first ``n`` test images, certainty colours, ground truth beside)
+    and, with reconstruction, ``reconstructions.png`` and ``edge_maps.png``."""
+    from .. import viz
+    from ..data import collate_samples
+    from ..models import patch_mask
+
+    tr.model.eval()
+    b = collate_samples([tr.data.test[i] for i in range(min(n, len(tr.data.test)))])
+    images = b["image"].to(tr.device)
+    g = torch.Generator().manual_seed(0)  # pictures never touch the run's random stream
+    masked = patch_mask(images, tr.objective.patch, tr.cfg.mask_ratio, generator=g)[0] \
+        if tr.model.unet is not None else None
+    with backend.use_backend(tr.backend):
+        out = tr.model(images, masked=masked, use_uncertainty=tr.cfg.uses("uncertainty"))
+    det = out.detections
+    viz.save(viz.prediction_sheet(images.cpu(), det.keypoints.cpu(), tr.meta,
+                                  certainty=torch.sigmoid(det.uncertainty).cpu(), ground_truth=b["keypoints"],
+                                  cols=4), folder / f"{prefix}predictions.png")
+    if out.masked is not None:
+        viz.save(viz.reconstruction_sheet(images.cpu(), out.masked.cpu(), out.edge_map.cpu(),
+                                          out.reconstruction.cpu()), folder / f"{prefix}reconstructions.png")
+        viz.save(viz.edge_map_sheet(out.edge_map.cpu()), folder / f"{prefix}edge_maps.png")
+    tr.model.train()
 
 
 class Evaluation(Hook):
@@ -139,7 +141,7 @@ class Evaluation(Hook):
 
     @torch.no_grad()
     def _detect(self, images: torch.Tensor) -> torch.Tensor:
-        return self.trainer.model.detector(images).keypoints
+        return self.trainer.detect(images)
 
     def metrics(self) -> dict:
         """Test metrics of the current model (and the fit on the labelled images), as written to metrics.json."""
