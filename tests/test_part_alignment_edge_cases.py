@@ -101,10 +101,11 @@ def test_umeyama_keeps_its_contract_at_the_edges(backend, p):
     ok = ~bad
     assert torch.isfinite(R[ok]).all() and torch.isfinite(s[ok]).all() and torch.isfinite(t[ok]).all(), what
     if ok.any():
-        eps = torch.finfo(src.dtype).eps
+        # a rotation to a few ulps: the reference's SVD reached 9 eps on a float64 3D fit
+        tol = 32 * torch.finfo(src.dtype).eps
         Rd = R[ok].double()
-        assert (Rd.mT @ Rd - torch.eye(src.shape[-1], dtype=torch.float64)).abs().max() <= 8 * eps, what
-        assert (torch.linalg.det(Rd) - 1).abs().max() <= 8 * eps, what
+        assert (Rd.mT @ Rd - torch.eye(src.shape[-1], dtype=torch.float64)).abs().max() <= tol, what
+        assert (torch.linalg.det(Rd) - 1).abs().max() <= tol, what
         x = src[ok].double()
         Rr, sr, tr = umeyama_reference(x, dst[ok].double(), None if w is None else w[ok].double(),
                                        scale=p["scale"], tol_dtype=src.dtype)
