@@ -22,6 +22,8 @@ README = ROOT / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 DEMO_START, DEMO_END = "<!-- demo:start -->", "<!-- demo:end -->"
 DEMO_RESULTS = ROOT / "docs" / "results" / "demo"
+DIAG_START, DIAG_END = "<!-- diagnose:start -->", "<!-- diagnose:end -->"
+DIAGNOSE_RESULTS = ROOT / "docs" / "results" / "diagnose"
 
 
 def _ms(q: dict) -> str:
@@ -127,6 +129,31 @@ def demo_block(files: list[Path]) -> str:
     return f"{DEMO_START}\n" + "\n".join(lines) + f"\n{DEMO_END}"
 
 
+def diagnose_files(committed_only: bool) -> list[Path]:
+    """The mechanism checks the README shows: ``docs/results/diagnose/*.json`` (``python -m kpfast.diagnose --json``)."""
+    return _committed(sorted(DIAGNOSE_RESULTS.glob("*.json")), committed_only)
+
+
+def _detail(v) -> str:
+    if isinstance(v, dict) and "loss" in v:  # a reconstruction variant: its held-out loss
+        return f"loss {v['loss']:.4g}"
+    return f"{v:.3g}" if isinstance(v, (int, float)) else str(v)
+
+
+def diagnose_block(files: list[Path]) -> str:
+    if not files:
+        return f"{DIAG_START}\nNo committed mechanism checks yet.\n{DIAG_END}"
+    lines = ["| data | check | value | needs | result | per noise level / variant |", "|---|---|---|---|---|---|"]
+    for path in files:
+        d = json.loads(path.read_text())
+        for c in d["checks"]:
+            detail = ", ".join(f"{k} {_detail(v)}" for k, v in c["detail"].items())
+            lines.append(f"| {d['dataset']} | {c['name']} | {c['value']:.3f} | {c['threshold']:g} | "
+                         f"{'pass' if c['passed'] else '**FAIL**'} | {detail} |")
+    lines += ["", "Commands: " + "; ".join(f"`{json.loads(p.read_text())['command']}`" for p in files)]
+    return f"{DIAG_START}\n" + "\n".join(lines) + f"\n{DIAG_END}"
+
+
 def _replace(text: str, start: str, end: str, new_block: str) -> str:
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
@@ -139,6 +166,7 @@ def main(argv=None) -> int:
     check = "--check" in argv
     new = _replace(text, START, END, block(result_files(committed_only=check)))
     new = _replace(new, DEMO_START, DEMO_END, demo_block(demo_files(committed_only=check)))
+    new = _replace(new, DIAG_START, DIAG_END, diagnose_block(diagnose_files(committed_only=check)))
     if check:
         if new != text:
             print("README.md's result blocks are stale: run python bench/readme.py")

@@ -245,8 +245,9 @@ def main(argv=None) -> int:
             print(f"      {k}: {v}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"preset": args.preset, "dataset": cfg.dataset, "steps": args.steps, "set": args.set,
-                       "checks": [asdict(c) for c in checks]}, f, indent=1)
+            json.dump({"command": " ".join(["python -m kpfast.diagnose", *(argv if argv is not None else sys.argv[1:])]),
+                       "preset": args.preset, "dataset": cfg.dataset, "steps": args.steps, "set": args.set,
+                       "torch": torch.__version__, "checks": [asdict(c) for c in checks]}, f, indent=1)
     return 0 if all(c.passed for c in checks if not math.isnan(c.value)) else 1
 
 
