@@ -148,7 +148,7 @@ def test_sc_rewards_separable_keypoint_representations():
     K = 5
     features, heatmaps = _separable(K)
     z = keypoint_representations(features, heatmaps)  # [1, K, C]: row k is code k
-    classifier = torch.nn.Linear(8, K, bias=False)
+    classifier = torch.nn.Linear(8, K, bias=False).requires_grad_(False)
     with torch.no_grad():
         classifier.weight.zero_()
         classifier.weight[:, :K] = 20 * torch.eye(K)
@@ -157,7 +157,7 @@ def test_sc_rewards_separable_keypoint_representations():
     collapsed = keypoint_representations(torch.ones_like(features), heatmaps)
     torch.manual_seed(42)
     for _ in range(5):
-        classifier = torch.nn.Linear(8, K)
+        classifier = torch.nn.Linear(8, K).requires_grad_(False)
         assert float(semantic_consistency_loss(classifier(collapsed))) >= math.log(K) - 1e-6
 
 
