@@ -31,6 +31,7 @@ RUN_FIELDS = frozenset({"resume", "overwrite", "progress", "out", "checkpoint_ev
 OPS = ("fused", "reference")
 LR_SCHEDULES = ("constant", "cosine")
 NORMS = ("batch", "group", "none")
+HEATMAP_READOUTS = ("argmax", "soft_argmax")
 
 
 @dataclass
@@ -57,6 +58,14 @@ class TrainConfig:
     length; None = ``iterations``), ``mask_ratio`` (share of the ``mask_grid`` x ``mask_grid``
     patches masked), ``depth_scale``, ``edge_lr_scale`` (learning-rate multiplier of the
     edge map's thickness and strength parameters).
+
+    Moskvyak et al. (``method="moskvyak"``, :mod:`kpfast.train.moskvyak`): the weights of its terms
+    ``w_heatmap`` (supervised heatmap MSE), ``w_sc`` (semantic consistency), ``w_te``
+    (transformation equivariance), ``w_ti`` (transformation invariance), the paper's
+    (1e3, 0.5, 1e2, 1e2); ``heatmap_sigma`` (standard deviation of the ground-truth Gaussians,
+    in heatmap pixels), ``sc_channels`` (length of a keypoint representation; the paper's 64)
+    and ``heatmap_readout`` (how keypoints are read from the heatmaps for evaluation and
+    inference: ``"argmax"`` with a quarter-pixel refinement, or ``"soft_argmax"``).
 
     Networks: ``detector_widths``, ``detector_up_widths``, ``unet_widths``, ``norm``,
     ``channels_last`` (NHWC convolutions: about 30 % faster on CPU, same results up
@@ -108,6 +117,14 @@ class TrainConfig:
     mask_grid: int = 16
     depth_scale: float = 20.0
     edge_lr_scale: float = 1.0
+    # Moskvyak et al. (method "moskvyak")
+    w_heatmap: float = 1e3
+    w_sc: float = 0.5
+    w_te: float = 1e2
+    w_ti: float = 1e2
+    heatmap_sigma: float = 1.0
+    sc_channels: int = 64
+    heatmap_readout: str = "argmax"
     # networks
     detector_widths: tuple = (64, 128, 256, 512)
     detector_up_widths: tuple = (256, 256)
@@ -252,6 +269,8 @@ class TrainConfig:
             bad(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.norm not in NORMS:
             bad(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.heatmap_readout not in HEATMAP_READOUTS:
+            bad(f"heatmap_readout must be one of {HEATMAP_READOUTS}, got {self.heatmap_readout!r}")
         if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
             bad(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.preset is not None and self.preset not in PRESETS:
@@ -324,7 +343,7 @@ INT_RANGES: dict[str, tuple[int, Optional[int]]] = {
     "data_seed": (0, 2**31 - 1), "iterations": (1, None), "batch_unlabeled": (0, None), "batch_labeled": (1, None),
     "random_partner_iterations": (0, None), "ramp_iterations": (0, None), "seed": (0, 2**31 - 1),
     "checkpoint_every": (1, None), "log_every": (1, None), "image_every": (0, None), "eval_batch": (1, None),
-    "mask_grid": (1, None), "diagnostics_every": (0, None),
+    "mask_grid": (1, None), "diagnostics_every": (0, None), "sc_channels": (1, None),
 }
 FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     # field: (low, high, low excluded); every value must be finite
@@ -332,6 +351,8 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     "w_geo2d": (0.0, math.inf, False), "w_geo3d": (0.0, math.inf, False), "w_smooth": (0.0, math.inf, False),
     "whole_object_weight": (0.0, math.inf, False), "mask_ratio": (0.0, 1.0, False),
     "depth_scale": (0.0, math.inf, True), "edge_lr_scale": (0.0, math.inf, True),
+    "w_heatmap": (0.0, math.inf, False), "w_sc": (0.0, math.inf, False), "w_te": (0.0, math.inf, False),
+    "w_ti": (0.0, math.inf, False), "heatmap_sigma": (0.0, math.inf, True),
 }
 OPTIONAL_FIELDS = frozenset({"train_size", "test_size", "batch_labeled", "ramp_iterations", "cache_dir", "out",
                              "preset", "diagnostics_every"})

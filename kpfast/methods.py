@@ -48,6 +48,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            unlabeled=False),
     Method("autolink-few", "AutoLink's all-pairs learned-weight graph + reconstruction + the few-shot L1 loss",
            components=("recon",)),
+    Method("moskvyak", "Moskvyak et al. (ICLR 2021): heatmap regression + semantic consistency (sc) of keypoint "
+                       "representations, transformation equivariance (te) of heatmaps, invariance (ti) of representations",
+           components=("sc", "te", "ti"), ablations=("sc", "te", "ti", "kmeans"),
+           trainer="kpfast.train.moskvyak:MoskvyakTrainer", inference="kpfast.models.moskvyak:detector_from_config"),
 )}
 
 

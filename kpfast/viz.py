@@ -1,4 +1,4 @@
-"""Pictures of a run: predictions with skeleton and uncertainty, edge maps, reconstructions.
+"""Pictures of a run: predictions with skeleton and uncertainty, edge maps, reconstructions, heatmaps.
 
 Drawing is :mod:`kpfast.data.draw`; this module only lays the pictures out.
 Keypoint colours encode the predicted certainty ``sigmoid(v)`` (the edge map's
@@ -81,6 +81,36 @@ def edge_map_sheet(edge_maps: Tensor, *, cols: int = 8) -> Image.Image:
     return image_grid(tiles, cols=min(cols, len(tiles)))
 
 
+def heatmap_sheet(images: Tensor, heatmaps: Tensor, truth: Optional[Tensor] = None, *, rows: int = 8) -> Image.Image:
+    """One row per image: the image | its heatmaps | the ground-truth heatmaps (if given).
+
+    ``images [B, 3, S, S]`` in [0, 1], ``heatmaps``/``truth [B, K, h, w]``: the maximum over the
+    keypoints, clipped to [0, 1] (unit-peak Gaussian targets), upsampled to the image and drawn
+    in red over its grey version.
+    """
+    import torch.nn.functional as F
+
+    scale = _scale_for(images.shape[-1])
+    size = tuple(images.shape[-2:])
+
+    def overlay(image: Tensor, maps: Tensor) -> Tensor:
+        heat = F.interpolate(maps.detach().float().amax(0, keepdim=True)[None].clamp(0, 1), size=size,
+                             mode="bilinear", align_corners=True)[0]
+        grey = image.float().mean(0, keepdim=True).expand(3, -1, -1) * 0.6
+        red = heat.new_tensor([1.0, 0.15, 0.0]).view(3, 1, 1)
+        return grey * (1 - heat) + red * heat
+
+    tiles = []
+    for i in range(min(rows, images.shape[0])):
+        columns = [images[i].float(), overlay(images[i], heatmaps[i])]
+        if truth is not None:
+            columns.append(overlay(images[i], truth[i]))
+        for im in columns:
+            p = to_pil(im.cpu())
+            tiles.append(p.resize((p.width * scale, p.height * scale), Image.NEAREST))
+    return image_grid(tiles, cols=3 if truth is not None else 2)
+
+
 def save(picture: Image.Image, path) -> None:
     """Write a PNG (creating the directory)."""
     from pathlib import Path
@@ -89,4 +119,4 @@ def save(picture: Image.Image, path) -> None:
     picture.save(path)
 
 
-__all__ = ["certainty_colors", "prediction_sheet", "reconstruction_sheet", "edge_map_sheet", "save"]
+__all__ = ["certainty_colors", "prediction_sheet", "reconstruction_sheet", "edge_map_sheet", "heatmap_sheet", "save"]

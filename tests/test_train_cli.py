@@ -59,6 +59,7 @@ def test_cli_options_map_onto_the_config(argv, field, value):
     ("demo", {"method": "supervised", "progress": False}),
     ("demo", {"without": ("recon", "geo3d"), "lr": 5e-4, "detector_widths": (16, 32, 64), "batch_labeled": 4}),
     ("paper", {"shots": 5, "w_geo3d": 0.2, "betas": (0.8, 0.9), "dataset": "car", "device": "cpu"}),
+    ("demo", {"method": "moskvyak", "without": ("sc", "ti"), "w_te": 10.0, "heatmap_readout": "soft_argmax"}),
 ])
 def test_command_line_reproduces_the_config(preset, changes):
     cfg = TrainConfig.from_preset(preset, out="/somewhere/run-a", **changes)

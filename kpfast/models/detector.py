@@ -51,6 +51,28 @@ class Detections:
         return torch.cat([self.keypoints, self.depth.unsqueeze(-1)], -1)
 
 
+def resnet_with_upsampling(widths: Sequence[int], up_widths: Sequence[int], stem_width: int = 0,
+                           norm: str = "batch") -> tuple[nn.Module, nn.Sequential, nn.Sequential, int]:
+    """The detector's trunk: ``(stem, down, up, channels)``, see :class:`KeypointDetector` (every
+    heatmap network of kpfast is built on it, so methods compare at the same capacity).
+
+    ``stem``: an optional full-resolution 3x3 convolution (``nn.Identity`` when ``stem_width`` is 0);
+    ``down``: one stride-2 :class:`ResidualBlock` per entry of ``widths``; ``up``: one x2 bilinear
+    upsampling + 3x3 convolution per entry of ``up_widths``; ``channels``: those of ``up``'s output.
+    """
+    stem = conv_norm_relu(3, stem_width, norm) if stem_width else nn.Identity()
+    down, c = [], stem_width or 3
+    for w in widths:
+        down.append(ResidualBlock(c, w, stride=2, norm=norm))
+        c = w
+    up = []
+    for w in up_widths:
+        up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                                conv_norm_relu(c, w, norm)))
+        c = w
+    return stem, nn.Sequential(*down), nn.Sequential(*up), c
+
+
 class KeypointDetector(nn.Module):
     """ResNet with upsampling predicting heatmap, uncertainty and depth for K keypoints.
 
@@ -82,18 +104,7 @@ class KeypointDetector(nn.Module):
         self.num_keypoints = num_keypoints
         self.depth_scale = float(depth_scale)
         self.beta = float(beta)
-        self.stem = conv_norm_relu(3, stem_width, norm) if stem_width else nn.Identity()
-        down, c = [], stem_width or 3
-        for w in widths:
-            down.append(ResidualBlock(c, w, stride=2, norm=norm))
-            c = w
-        self.down = nn.Sequential(*down)
-        up = []
-        for w in up_widths:
-            up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                                    conv_norm_relu(c, w, norm)))
-            c = w
-        self.up = nn.Sequential(*up)
+        self.stem, self.down, self.up, c = resnet_with_upsampling(widths, up_widths, stem_width, norm)
         self.head = nn.Conv2d(c, 3 * num_keypoints, 1)
         self.downsampling = 2 ** (len(widths) - len(up_widths))
 

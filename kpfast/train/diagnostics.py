@@ -44,8 +44,10 @@ def term_gradients(terms: Mapping[str, Tensor], weights: Mapping[str, float], ke
     Args:
         terms: unweighted scalar loss terms, all computed from ``keypoints``.
         weights: the weight of each term.
-        keypoints: ``[B, K, 2]`` detected keypoints (a non-leaf tensor of the step's graph).
-        truth: ``[B, K, 2]`` true keypoints, or None (no ``align_*``).
+        keypoints: ``[B, K, 2]`` detected keypoints (a non-leaf tensor of the step's graph), or any
+            per-keypoint prediction ``[B, K, ...]`` (heatmaps ``[B, K, h, w]``: the RMS and the cosine
+            then run over all of a keypoint's values).
+        truth: ``[B, K, ...]`` the true values of ``keypoints``, or None (no ``align_*``).
         known: ``[B, K]`` bool: which entries of ``truth`` count (e.g. labelled keypoints of
             the unlabelled images only).
 
@@ -66,12 +68,13 @@ def term_gradients(terms: Mapping[str, Tensor], weights: Mapping[str, float], ke
         if not value.requires_grad or w == 0:
             continue
         (g,) = torch.autograd.grad(w * value, keypoints, retain_graph=True, allow_unused=True)
-        g = torch.zeros_like(keypoints) if g is None else g.detach()
+        g = (torch.zeros_like(keypoints) if g is None else g.detach()).flatten(2)
         out[f"grad_{name}"] = float(g.pow(2).sum(-1).mean().sqrt())
         if truth is not None:
+            true = truth.flatten(2)
             m = torch.ones(B, K, dtype=torch.bool, device=g.device) if known is None else known.to(g.device)
-            m = m[..., None] & torch.isfinite(truth).all(-1, keepdim=True)
-            toward = torch.where(m, truth.to(g) - keypoints.detach(), torch.zeros_like(g))
+            m = m[..., None] & torch.isfinite(true).all(-1, keepdim=True)
+            toward = torch.where(m, true.to(g) - keypoints.detach().flatten(2), torch.zeros_like(g))
             descent = torch.where(m, -g, torch.zeros_like(g))
             den = float(toward.norm() * descent.norm())
             out[f"align_{name}"] = float((toward * descent).sum()) / den if den > 0 else math.nan

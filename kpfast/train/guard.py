@@ -35,6 +35,10 @@ TERM_SETTINGS = {
     "geo2d": ("w_geo2d", "ramp_iterations"),
     "geo3d": ("w_geo3d", "depth_scale", "whole_object_weight", "random_partner_iterations"),
     "smooth": ("w_smooth",),
+    "heatmap": ("w_heatmap", "heatmap_sigma"),
+    "sc": ("w_sc", "sc_channels"),
+    "te": ("w_te", "heatmap_sigma"),
+    "ti": ("w_ti", "sc_channels"),
 }
 """The config fields each loss term depends on (besides the networks and the data), named when it goes non-finite."""
 
