@@ -48,6 +48,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            unlabeled=False),
     Method("autolink-few", "AutoLink's all-pairs learned-weight graph + reconstruction + the few-shot L1 loss",
            components=("recon",)),
+    Method("adaptation", "Sanchez & Tzimiropoulos (NeurIPS 2019): a detector trained with full supervision on a "
+                         "source adapted to the target without labels (per-layer projections learned by image "
+                         "reconstruction through a Gaussian landmark bottleneck), then a linear regressor from the "
+                         "discovered landmarks to the keypoints, fitted on the labelled images",
+           trainer="kpfast.train.adaptation:AdaptationTrainer",
+           inference="kpfast.models.adaptation:adapted_detector_from_config"),
 )}
 
 

@@ -1,4 +1,4 @@
-"""Pictures of a run: predictions with skeleton and uncertainty, edge maps, reconstructions.
+"""Pictures of a run: predictions with skeleton and uncertainty, edge maps, reconstructions, discovered landmarks.
 
 Drawing is :mod:`kpfast.data.draw`; this module only lays the pictures out.
 Keypoint colours encode the predicted certainty ``sigmoid(v)`` (the edge map's
@@ -81,6 +81,18 @@ def edge_map_sheet(edge_maps: Tensor, *, cols: int = 8) -> Image.Image:
     return image_grid(tiles, cols=min(cols, len(tiles)))
 
 
+def landmark_sheet(images: Tensor, landmarks: Tensor, *, cols: int = 8) -> Image.Image:
+    """Discovered landmarks ``[B, K, 2]`` on ``images [B, 3, S, S]``, one fixed colour per landmark
+    (:func:`kpfast.data.draw.keypoint_colors`), no skeleton."""
+    from .data.draw import keypoint_colors
+
+    scale = _scale_for(images.shape[-1])
+    colors = keypoint_colors(landmarks.shape[1])
+    tiles = [draw_keypoints(images[i], landmarks[i], scale=scale, colors=colors, radius=max(1.5, scale))
+             for i in range(images.shape[0])]
+    return image_grid(tiles, cols=min(cols, len(tiles)))
+
+
 def save(picture: Image.Image, path) -> None:
     """Write a PNG (creating the directory)."""
     from pathlib import Path
@@ -89,4 +101,4 @@ def save(picture: Image.Image, path) -> None:
     picture.save(path)
 
 
-__all__ = ["certainty_colors", "prediction_sheet", "reconstruction_sheet", "edge_map_sheet", "save"]
+__all__ = ["certainty_colors", "prediction_sheet", "reconstruction_sheet", "edge_map_sheet", "landmark_sheet", "save"]
