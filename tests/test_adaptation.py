@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -255,9 +256,14 @@ def test_the_saved_model_predicts_what_the_run_evaluated(projection_run):
 def test_the_source_detector_is_cached_and_the_run_does_not_depend_on_who_trained_it(tmp_path, projection_run):
     """A run that trains its source in-process draws exactly what one reading it from the cache draws."""
     fresh = tmp_path / "cache"
+    t0 = time.perf_counter()
     first = kpfast.train.run(tiny(fresh, tmp_path / "a", iterations=2))
+    elapsed = time.perf_counter() - t0
     again = kpfast.train.run(tiny(fresh, tmp_path / "b", iterations=2))
     assert first["adaptation"]["source"]["trained_now"] and not again["adaptation"]["source"]["trained_now"]
+    stage1 = first["adaptation"]["source"]["seconds_this_run"]
+    assert 0 < first["adaptation"]["source"]["training_seconds_this_run"] <= stage1
+    assert first["wall_time_s"]["total"] <= elapsed - stage1, "the run's wall time leaves stage 1 out"
     assert _rows(tmp_path / "a") == _rows(tmp_path / "b")
     a, b = load_checkpoint(tmp_path / "a" / "checkpoint.pt"), load_checkpoint(tmp_path / "b" / "checkpoint.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

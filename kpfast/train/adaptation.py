@@ -119,7 +119,8 @@ class RegressorFit(Hook):
 
 
 class AdaptationEvaluation(Evaluation):
-    """The evaluation of every method (test NME, PCK and spread through the forward regressor), plus
+    """The evaluation of every method (test NME, PCK and spread through the forward regressor; ``wall_time_s``
+    without stage 1, whose seconds are ``adaptation.source.seconds_this_run``), plus
     ``metrics["adaptation"]``: the forward and backward errors, the regressors' fits, the source and
     the trained share of the detector; ``metrics["extra_metrics"]`` the backward test error for the
     experiment runner's tables."""
@@ -178,6 +179,7 @@ class AdaptationTrainer(Trainer):
             return None
         source = prepare_source(self.cfg, self.world)
         self.source_info = source.info
+        self.t_start += source.info["seconds_this_run"]  # the run's wall time leaves stage 1 out (it is in the info)
         return source.state
 
     def build_objective(self) -> None:
