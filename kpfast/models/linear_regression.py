@@ -52,7 +52,7 @@ def fit_ridge(x: Tensor, y: Tensor, mask: Optional[Tensor] = None, alphas=RIDGE_
         alphas: relative strengths to try: ``lambda = alpha * ||x_c||_F^2 / d`` per output group.
 
     Returns:
-        :class:`RidgeFit` (float64).
+        :class:`RidgeFit` (float64, on the CPU: the fit runs there whatever the inputs' device).
 
     Example:
         >>> x = torch.randn(12, 3, dtype=torch.float64)
@@ -61,12 +61,12 @@ def fit_ridge(x: Tensor, y: Tensor, mask: Optional[Tensor] = None, alphas=RIDGE_
         >>> torch.allclose(fit.weight, torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64), atol=1e-3)
         True
     """
-    x, y = x.detach().to(torch.float64), y.detach().to(torch.float64)
+    x, y = x.detach().to("cpu", torch.float64), y.detach().to("cpu", torch.float64)  # tiny: the same on every device
     n, d = x.shape
     m = y.shape[1]
     if y.shape[0] != n:
         raise ValueError(f"x has {n} rows but y has {y.shape[0]}")
-    mask = torch.ones(n, m, dtype=torch.bool, device=y.device) if mask is None else mask.to(torch.bool)
+    mask = torch.ones(n, m, dtype=torch.bool) if mask is None else mask.to("cpu", torch.bool)
     if mask.shape != y.shape:
         raise ValueError(f"mask must have the shape of y {tuple(y.shape)}, got {tuple(mask.shape)}")
     alphas = torch.tensor(list(alphas), dtype=torch.float64, device=x.device)
