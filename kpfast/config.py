@@ -4,7 +4,8 @@ Methods (``method``) and the components each can switch off (``without``) are
 the registry :data:`kpfast.methods.METHODS`: ``"full"`` (the paper; ablations
 ``recon``, ``geo2d``, ``geo3d``, ``uncertainty``), ``"supervised"`` (few-shot L1
 only), ``"autolink-few"`` (AutoLink's all-pairs graph + reconstruction + few-shot
-L1); every method takes ``kmeans`` (random few-shot examples instead of the
+L1), ``"adaptation"`` (a supervised source detector adapted to the target without
+labels, then a linear regressor); every method takes ``kmeans`` (random few-shot examples instead of the
 k-means selection).
 
 The config lives outside :mod:`kpfast.train`: every checkpoint records the config of
@@ -32,6 +33,7 @@ OPS = ("fused", "reference")
 LR_SCHEDULES = ("constant", "cosine")
 NORMS = ("batch", "group", "none")
 HEATMAP_READOUTS = ("argmax", "soft_argmax")
+ADAPT_MODES = ("projection", "finetune", "scratch")
 
 
 @dataclass
@@ -70,6 +72,20 @@ class TrainConfig:
     Networks: ``detector_widths``, ``detector_up_widths``, ``unet_widths``, ``norm``,
     ``channels_last`` (NHWC convolutions: about 30 % faster on CPU, same results up
     to rounding).
+
+    Unsupervised adaptation (``method="adaptation"``, :mod:`kpfast.train.adaptation`):
+    ``source`` (the core detector: a dataset to train it on with all its labels, e.g.
+    ``"face"``, or a kpfast run folder / ``model.pt`` of a trained detector; None for
+    ``adapt="scratch"``), ``adapt`` (``"projection"``: the paper, frozen core weights
+    with a learned projection per convolution; ``"finetune"``: every weight trained;
+    ``"scratch"``: no source, every weight from random initialization),
+    ``source_iterations`` (steps of the source detector's training; None =
+    ``iterations``), ``source_seed`` (its seed and data seed), ``adapt_landmarks``
+    (landmarks to discover), ``adapt_landmark_beta`` (the bottleneck's soft-argmax
+    inverse temperature), ``adapt_landmark_sigma`` (the Gaussians' sigma in pixels of
+    the generator's bottleneck grid), ``adapt_generator_widths`` (full resolution, then
+    one stride-2 level each; the paper's by default: the demo grids set a quarter of
+    them) and ``adapt_generator_blocks`` (residual blocks at the bottleneck).
 
     Run: ``seed``, ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``), ``out`` (the run
     folder), ``checkpoint_every``, ``log_every``, ``diagnostics_every`` (per-term gradient
@@ -131,6 +147,16 @@ class TrainConfig:
     unet_widths: tuple = (32, 64, 128, 256)
     norm: str = "batch"
     channels_last: bool = True
+    # unsupervised adaptation (method "adaptation")
+    source: Optional[str] = None
+    adapt: str = "projection"
+    source_iterations: Optional[int] = None
+    source_seed: int = 0
+    adapt_landmarks: int = 10
+    adapt_landmark_beta: float = 10.0
+    adapt_landmark_sigma: float = math.sqrt(0.5)
+    adapt_generator_widths: tuple = (64, 128, 256)
+    adapt_generator_blocks: int = 6
     # run
     seed: int = 0
     device: str = "auto"
@@ -200,7 +226,7 @@ class TrainConfig:
         self.without = tuple(sorted(set(self.without), key=lambda w: (ABLATIONS + (w,)).index(w)))
         self.betas = tuple(self.betas) if not isinstance(self.betas, (str, bytes)) and hasattr(self.betas, "__iter__") \
             else self.betas
-        for name in ("dataset", "cache_dir", "out", "perceptual", "few_shot_features"):
+        for name in ("dataset", "cache_dir", "out", "perceptual", "few_shot_features", "source"):
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
         self.validate()
@@ -236,7 +262,7 @@ class TrainConfig:
             if not is_number(v) or not math.isfinite(v) or v < low or (low_open and v == low) or v > high:
                 within = (f"> {low:g}" if low_open else f">= {low:g}") + (f" and <= {high:g}" if math.isfinite(high) else "")
                 bad(f"{name} must be a finite number {within}, got {v!r}")
-        for name in ("dataset", "perceptual", "few_shot_features", "device", "cache_dir", "out"):
+        for name in ("dataset", "perceptual", "few_shot_features", "device", "cache_dir", "out", "source"):
             v = getattr(self, name)
             if v is None and name in OPTIONAL_FIELDS:
                 continue
@@ -245,7 +271,7 @@ class TrainConfig:
         for name in ("channels_last", "progress", "resume", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 bad(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name, min_length in zip(WIDTH_FIELDS_MIN_LENGTH, (1, 0, 2)):
+        for name, min_length in zip(WIDTH_FIELDS_MIN_LENGTH, (1, 0, 2, 2)):
             v = getattr(self, name)
             if len(v) < min_length or not all(is_int(w) and w >= 1 for w in v):
                 what = {0: "a list of", 1: "a non-empty list of", 2: "a list of at least 2"}[min_length]
@@ -273,6 +299,18 @@ class TrainConfig:
             bad(f"heatmap_readout must be one of {HEATMAP_READOUTS}, got {self.heatmap_readout!r}")
         if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
             bad(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.adapt not in ADAPT_MODES:
+            bad(f"adapt must be one of {ADAPT_MODES}, got {self.adapt!r}")
+        if self.method == "adaptation":
+            if self.adapt == "scratch" and self.source is not None:
+                bad(f"adapt 'scratch' trains without a source detector: leave source unset (got {self.source!r})")
+            if self.adapt != "scratch" and self.source is None:
+                bad(f"method 'adaptation' with adapt {self.adapt!r} needs source (--source): a dataset to train the "
+                    "core detector on with all its labels (e.g. face), or a kpfast run folder or model.pt")
+            if self.batch_unlabeled < 1:
+                bad("method 'adaptation' trains on unlabelled images only: batch_unlabeled must be >= 1, got 0")
+        elif self.source is not None:
+            bad(f"source only applies to method 'adaptation' (method {self.method!r})")
         if self.preset is not None and self.preset not in PRESETS:
             bad(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
 
@@ -287,6 +325,9 @@ class TrainConfig:
             bad(f"image_size {self.image_size} must be divisible by 2**{levels} (the network depth)")
         if len(self.detector_up_widths) > len(self.detector_widths):
             bad("detector_up_widths cannot have more blocks than detector_widths (heatmaps larger than the image)")
+        if self.method == "adaptation" and self.image_size % 2 ** (len(self.adapt_generator_widths) - 1):
+            bad(f"image_size {self.image_size} must be divisible by 2**{len(self.adapt_generator_widths) - 1} "
+                f"(adapt_generator_widths has {len(self.adapt_generator_widths)} levels)")
         if self.image_size % self.mask_grid:
             bad(f"image_size {self.image_size} must be divisible by mask_grid {self.mask_grid} (the patch grid)")
         if self.diagnostics_every is not None and self.diagnostics_every % self.log_every:
@@ -344,6 +385,8 @@ INT_RANGES: dict[str, tuple[int, Optional[int]]] = {
     "random_partner_iterations": (0, None), "ramp_iterations": (0, None), "seed": (0, 2**31 - 1),
     "checkpoint_every": (1, None), "log_every": (1, None), "image_every": (0, None), "eval_batch": (1, None),
     "mask_grid": (1, None), "diagnostics_every": (0, None), "sc_channels": (1, None),
+    "source_iterations": (1, None),
+    "source_seed": (0, 2**31 - 1), "adapt_landmarks": (1, None), "adapt_generator_blocks": (1, None),
 }
 FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     # field: (low, high, low excluded); every value must be finite
@@ -353,10 +396,11 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     "depth_scale": (0.0, math.inf, True), "edge_lr_scale": (0.0, math.inf, True),
     "w_heatmap": (0.0, math.inf, False), "w_sc": (0.0, math.inf, False), "w_te": (0.0, math.inf, False),
     "w_ti": (0.0, math.inf, False), "heatmap_sigma": (0.0, math.inf, True),
+    "adapt_landmark_beta": (0.0, math.inf, True), "adapt_landmark_sigma": (0.0, math.inf, True),
 }
 OPTIONAL_FIELDS = frozenset({"train_size", "test_size", "batch_labeled", "ramp_iterations", "cache_dir", "out",
-                             "preset", "diagnostics_every"})
-WIDTH_FIELDS_MIN_LENGTH = ("detector_widths", "detector_up_widths", "unet_widths")
+                             "preset", "diagnostics_every", "source", "source_iterations"})
+WIDTH_FIELDS_MIN_LENGTH = ("detector_widths", "detector_up_widths", "unet_widths", "adapt_generator_widths")
 
 
 PRESETS: dict[str, dict] = {

@@ -205,6 +205,9 @@ def collect(grid: Grid, runs: list[Run], results: Path) -> None:
 
 # -- the summary -------------------------------------------------------------------------------------------------
 METRICS = (("nme", "test NME (%)", 2), ("pck@0.1", "PCK@0.1 (%)", 1), ("spread", "spread", 2))
+EXTRA_KEY = "extra_metrics"
+"""A method's own test numbers in its ``metrics.json`` (``{name: value}``, e.g. the adaptation's backward
+error): summarized like the others, one more column each in the tables of the datasets where an arm has them."""
 
 
 def _stats(values: list) -> dict:
@@ -231,6 +234,8 @@ def summarize(grid: Grid, results: Path) -> dict:
             for key, _, _ in METRICS:
                 row[key] = _stats([m["test"].get(key) for m in done])
             row["labeled_nme"] = _stats([m["labeled_fit"]["nme"] for m in done])
+            extra = dict.fromkeys(k for m in done for k in m.get(EXTRA_KEY, {}))
+            row["extra"] = {k: _stats([m.get(EXTRA_KEY, {}).get(k) for m in done]) for k in extra}
             row["minutes"] = _stats([m["wall_time_s"]["total"] / 60 for m in done])
             if done:
                 from .train.cli import command_line
@@ -241,7 +246,7 @@ def summarize(grid: Grid, results: Path) -> dict:
                                                     "perceptual")}
                     info["environment"] = {k: done[0]["environment"].get(k) for k in
                                            ("device", "torch", "cpu_threads", "git_commit")}
-                if label == "full":
+                if label == "full" or not reference["mean_shape"]:  # the full method's, else the first arm's
                     for name in reference:
                         for key, _, _ in METRICS:
                             reference[name][key] = _stats([m["reference"][name].get(key) for m in done])
@@ -284,11 +289,13 @@ def markdown(summary: dict) -> str:
     lines = []
     for dataset, d in summary["datasets"].items():
         info = d["info"]
+        extra = list(dict.fromkeys(k for a in d["arms"] for k in a.get("extra", {})))
         lines += [f"**{dataset}** — {info.get('shots')} shots, {info.get('keypoints')} keypoints, "
                   f"{info.get('train_images')} training / {info.get('test_images')} test images, "
                   f"{info.get('iterations')} iterations, seeds {', '.join(map(str, summary['seeds']))}", "",
-                  "| arm | test NME (%) | PCK@0.1 (%) | spread | NME per seed | vs full: NME, PCK | minutes |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| arm | test NME (%) | PCK@0.1 (%) | spread | NME per seed | vs full: NME, PCK | "
+                  + "".join(f"{k} | " for k in extra) + "minutes |",
+                  "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
         for a in d["arms"]:
             vs = a["vs_full"]
             if vs is None:
@@ -297,15 +304,16 @@ def markdown(summary: dict) -> str:
                 mark = lambda k: " (worse > 1 sd)" if vs[k]["worse_by_more_than_1sd"] else ""  # noqa: E731
                 cmp_ = f"{vs['nme']['difference']:+.2f}{mark('nme')}, {vs['pck@0.1']['difference']:+.1f}{mark('pck@0.1')}"
             missing = f" (missing seeds {a['missing']})" if a["missing"] else ""
+            cells = "".join(f"{_fmt(a['extra'][k], 2) if k in a.get('extra', {}) else '—'} | " for k in extra)
             lines.append(f"| {a['label']}{missing} | {_fmt(a['nme'], 2)} | {_fmt(a['pck@0.1'], 1)} | "
-                         f"{_fmt(a['spread'], 2)} | {_seeds(a['nme'], 2)} | {cmp_} | {_fmt(a['minutes'], 1)} |")
+                         f"{_fmt(a['spread'], 2)} | {_seeds(a['nme'], 2)} | {cmp_} | {cells}{_fmt(a['minutes'], 1)} |")
         names = {"mean_shape": "reference: mean labelled shape (sees no image)",
                  "fitted_mean_shape": "reference: mean shape, oracle similarity placement"}
         for key, label in names.items():
             r = d["reference"][key]
             if r:
                 lines.append(f"| *{label}* | {_fmt(r['nme'], 2)} | {_fmt(r['pck@0.1'], 1)} | {_fmt(r['spread'], 2)} | "
-                             f"{_seeds(r['nme'], 2)} | | |")
+                             f"{_seeds(r['nme'], 2)} | | " + "| " * len(extra) + "|")
         lines.append("")
     return "\n".join(lines)
 

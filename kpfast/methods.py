@@ -52,6 +52,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                        "representations, transformation equivariance (te) of heatmaps, invariance (ti) of representations",
            components=("sc", "te", "ti"), ablations=("sc", "te", "ti", "kmeans"),
            trainer="kpfast.train.moskvyak:MoskvyakTrainer", inference="kpfast.models.moskvyak:detector_from_config"),
+    Method("adaptation", "Sanchez & Tzimiropoulos (NeurIPS 2019): a detector trained with full supervision on a "
+                         "source adapted to the target without labels (per-layer projections learned by image "
+                         "reconstruction through a Gaussian landmark bottleneck), then a linear regressor from the "
+                         "discovered landmarks to the keypoints, fitted on the labelled images",
+           trainer="kpfast.train.adaptation:AdaptationTrainer",
+           inference="kpfast.models.adaptation:adapted_detector_from_config"),
 )}
 
 

@@ -1,4 +1,5 @@
-"""Pictures of a run: predictions with skeleton and uncertainty, edge maps, reconstructions, heatmaps.
+"""Pictures of a run: predictions with skeleton and uncertainty, edge maps, reconstructions, heatmaps,
+discovered landmarks.
 
 Drawing is :mod:`kpfast.data.draw`; this module only lays the pictures out.
 Keypoint colours encode the predicted certainty ``sigmoid(v)`` (the edge map's
@@ -111,6 +112,18 @@ def heatmap_sheet(images: Tensor, heatmaps: Tensor, truth: Optional[Tensor] = No
     return image_grid(tiles, cols=3 if truth is not None else 2)
 
 
+def landmark_sheet(images: Tensor, landmarks: Tensor, *, cols: int = 8) -> Image.Image:
+    """Discovered landmarks ``[B, K, 2]`` on ``images [B, 3, S, S]``, one fixed colour per landmark
+    (:func:`kpfast.data.draw.keypoint_colors`), no skeleton."""
+    from .data.draw import keypoint_colors
+
+    scale = _scale_for(images.shape[-1])
+    colors = keypoint_colors(landmarks.shape[1])
+    tiles = [draw_keypoints(images[i], landmarks[i], scale=scale, colors=colors, radius=max(1.5, scale))
+             for i in range(images.shape[0])]
+    return image_grid(tiles, cols=min(cols, len(tiles)))
+
+
 def save(picture: Image.Image, path) -> None:
     """Write a PNG (creating the directory)."""
     from pathlib import Path
@@ -119,4 +132,5 @@ def save(picture: Image.Image, path) -> None:
     picture.save(path)
 
 
-__all__ = ["certainty_colors", "prediction_sheet", "reconstruction_sheet", "edge_map_sheet", "heatmap_sheet", "save"]
+__all__ = ["certainty_colors", "prediction_sheet", "reconstruction_sheet", "edge_map_sheet", "heatmap_sheet",
+           "landmark_sheet", "save"]

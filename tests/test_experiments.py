@@ -58,3 +58,34 @@ def test_bad_grids_are_rejected_naming_the_file_and_arm(tmp_path):
                                 "arms": [{"label": "a"}, {"label": "A"}]}))
     with pytest.raises(ValueError, match="distinct"):
         experiments.Grid.load(path)
+
+
+def _metrics(nme, extra=None):
+    from kpfast.train import TrainConfig
+
+    test = {"nme": nme, "pck@0.1": 50.0, "spread": 1.0}
+    m = {"test": test, "labeled_fit": {"nme": 1.0}, "wall_time_s": {"total": 60.0},
+         "config": TrainConfig.from_preset("tiny").to_dict(), "shots": 4, "keypoints": 68, "train_images": 64,
+         "test_images": 16, "iterations": 4, "perceptual": "none",
+         "environment": {"device": "cpu", "torch": "x", "cpu_threads": 1, "git_commit": "x"},
+         "reference": {"mean_shape": dict(test, nme=nme + 10), "fitted_mean_shape": dict(test, nme=nme + 5)}}
+    return {**m, **({experiments.EXTRA_KEY: extra} if extra is not None else {})}
+
+
+def test_a_methods_extra_metrics_get_columns_and_a_grid_without_full_takes_the_first_arms_reference(tmp_path):
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"name": "x", "preset": "tiny", "datasets": ["face"], "seeds": [0, 1],
+                                "arms": [{"label": "a"}, {"label": "b", "method": "supervised"}]}))
+    runs = {("a", 0): _metrics(20.0, {"backward (%)": 3.0}), ("a", 1): _metrics(22.0, {"backward (%)": 5.0}),
+            ("b", 0): _metrics(30.0), ("b", 1): _metrics(32.0)}
+    for (label, seed), m in runs.items():
+        (tmp_path / "face" / label / f"seed{seed}").mkdir(parents=True)
+        (tmp_path / "face" / label / f"seed{seed}" / "metrics.json").write_text(json.dumps(m))
+    summary = experiments.summarize(experiments.Grid.load(path), tmp_path)
+    arms = {a["label"]: a for a in summary["datasets"]["face"]["arms"]}
+    assert arms["a"]["extra"]["backward (%)"]["mean"] == 4.0 and arms["b"]["extra"] == {}
+    assert summary["datasets"]["face"]["reference"]["mean_shape"]["nme"]["values"] == [30.0, 32.0]  # arm a's
+    rows = {line.split(" | ")[0]: line for line in experiments.markdown(summary).splitlines()}
+    assert "backward (%) | minutes |" in rows["| arm"]
+    assert rows["| a"].endswith("| 4.00 ± 1.41 | 1.0 ± 0.0 |") and rows["| b"].endswith("| — | 1.0 ± 0.0 |")
+    assert rows["| *reference: mean labelled shape (sees no image)*"].count("|") == rows["| arm"].count("|")

@@ -164,6 +164,19 @@ def test_reconstruction_loss_adds_l1_and_perceptual_terms():
     assert set(reconstruction_loss(x, y)[1]) == {"l1"}
 
 
+def test_reconstruction_loss_squared_pixel_error_and_unknown_pixel_error_refused():
+    """``pixel="l2"`` (Sanchez & Tzimiropoulos) swaps only the pixel term; the default stays L1."""
+    gen = torch.Generator().manual_seed(46)
+    x, y = torch.rand(2, 3, 8, 8, generator=gen), torch.rand(2, 3, 8, 8, generator=gen)
+    perceptual = PerceptualLoss(torch.nn.AvgPool2d(2), "avgpool")
+    l1_total, l1_parts = reconstruction_loss(x, y, perceptual)
+    total, parts = reconstruction_loss(x, y, perceptual, pixel="l2")
+    torch.testing.assert_close(total, (x - y).pow(2).mean() + l1_parts["perceptual"])
+    assert set(parts) == {"l2", "perceptual"} and torch.equal(parts["perceptual"], l1_parts["perceptual"])
+    with pytest.raises(ValueError, match="pixel must be one of"):
+        reconstruction_loss(x, y, pixel="huber")
+
+
 def test_smoothness_triples_follow_the_skeleton_inside_each_part():
     from kpfast.data.skeletons import face68_meta
 

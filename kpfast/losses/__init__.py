@@ -4,7 +4,7 @@
   between keypoint sets (:func:`masked_keypoint_l1`);
 - :func:`part_geometry_loss` (Eq. 5) with :func:`choose_partners`, on
   :func:`kpfast.part_alignment`;
-- :func:`reconstruction_loss` (Eq. 9): L1 + optional perceptual term
+- :func:`reconstruction_loss` (Eq. 9): L1 (or squared) pixel error + optional perceptual term
   (:class:`PerceptualLoss`, built from a spec by :func:`build_perceptual_loss`);
 - :func:`smoothness_loss` with :func:`smoothness_triples`: the face jaw/nose penalty;
 - Moskvyak et al.'s (``--method moskvyak``, :mod:`kpfast.losses.moskvyak`): :func:`heatmap_loss` on

@@ -45,6 +45,8 @@ FIELD_OPTIONS = {
     "category": "COCO-format data: the categories to read, comma-separated (default: all with the file's keypoints)",
     "shots": "number of labelled images",
     "method": f"one of {', '.join(METHODS)}",
+    "source": "--method adaptation: the core detector's source: a dataset to train it on with all its labels "
+              "(face, animal, car or a real-format path) or a kpfast run folder / model.pt of a trained detector",
     "ops": "fused kernels or the plain-PyTorch reference",
     "iterations": "training steps",
     "image_size": "side of the square images",

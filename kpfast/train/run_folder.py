@@ -31,7 +31,7 @@ from .run_log import LOG_NAME
 
 RUN_RECORD = "run.json"
 METRICS_NAME = "metrics.json"
-PICTURES = ("predictions.png", "reconstructions.png", "edge_maps.png", "heatmaps.png")
+PICTURES = ("predictions.png", "reconstructions.png", "edge_maps.png", "heatmaps.png", "landmarks.png")
 SNAPSHOT_FOLDER = "images"
 """``images/stepNNNNNN_<picture>``: the PNG snapshots of ``image_every``."""
 TENSORBOARD_FOLDER = "tb"
