@@ -30,8 +30,45 @@ def _ms(q: dict) -> str:
     return f"{q['median_ms']:.3g}"
 
 
+def step_speed_section(data: dict, path: Path) -> str:
+    this, other = data["checkouts"]["this"], data["checkouts"].get("other")
+    lines = [f"#### Training step, {data['preset']} preset: `{path.relative_to(ROOT)}`", "",
+             f"`{data['command']}` — {data['threads']} threads, {data['rounds']} alternating rounds of "
+             f"{data['steps']} steps; 1-minute load average during the run "
+             f"{min(data['load_average_1min']):.1f}-{max(data['load_average_1min']):.1f} on {data['cores']} cores", "",
+             "| checkout | commit | s/step (median) | per round |", "|---|---|---|---|"]
+    for name, c in data["checkouts"].items():
+        lines.append(f"| {name} ({c['folder']}) | `{c['commit'][:10]}` | {c['median_s']:.3g} | "
+                     f"{', '.join(f'{x:.3g}' for x in c['seconds_per_step'])} |")
+    if other:
+        sp = data["speedup"]
+        lines += ["", f"Speed-up of this checkout: {sp['median']:.2f}x (median of the rounds' ratios "
+                      f"{', '.join(f'{x:.2f}' for x in sp['per_round'])})."]
+    return "\n".join(lines)
+
+
+def breakdown_section(data: dict, path: Path) -> str:
+    env = data["environment"]
+    lines = [f"#### Training step by phase, CPU ({env['cpu_threads']} threads): `{path.relative_to(ROOT)}`", "",
+             f"`{env['command']}` — torch {env['torch']}, commit `{(env.get('git_commit') or '')[:10]}`, {env['date']}, "
+             f"1-minute load average {env.get('load_average_1min', float('nan')):.1f} on {env.get('cores')} cores at the start", "",
+             "| case | phase | ms (median) | share |", "|---|---|---|---|"]
+    for b in data["breakdowns"]:
+        total = sum(q["median_ms"] for q in b["phases"].values())
+        for phase, q in b["phases"].items():
+            lines.append(f"| {b['case']} | {phase} | {_ms(q)} | {100 * q['median_ms'] / total:.0f} % |")
+    png = path.with_name(path.stem + "-breakdown.png")
+    if png.exists():
+        lines += ["", f"![time of one training step by phase]({png.relative_to(ROOT).as_posix()})"]
+    return "\n".join(lines)
+
+
 def section(path: Path) -> str:
     data = json.loads(path.read_text())
+    if "checkouts" in data:
+        return step_speed_section(data, path)
+    if data.get("breakdowns") and not data.get("results"):
+        return breakdown_section(data, path)
     env = data["environment"]
     where = env.get("gpu") or f"CPU ({env['cpu_threads']} threads)"
     lines = [

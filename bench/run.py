@@ -49,6 +49,8 @@ def environment(device: torch.device) -> dict:
         "device": str(device),
         "cpu_threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],  # other work on the machine when the run began
     }
     try:
         import triton
@@ -100,7 +102,8 @@ def breakdown_table(rows: list[dict]) -> str:
 
 
 def plot_breakdown(rows: list[dict], path: Path, title: str) -> bool:
-    """One stacked horizontal bar per case: its phases' median milliseconds."""
+    """One stacked horizontal bar per case: its phases' shares of the step (cases of very different
+    lengths side by side), each labelled with its median milliseconds, the whole step's beside the bar."""
     try:
         import matplotlib
 
@@ -114,19 +117,23 @@ def plot_breakdown(rows: list[dict], path: Path, title: str) -> bool:
         return False
     phases = list(ok[0]["phases"])
     colours = plt.get_cmap("tab20")(range(len(phases)))
-    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.8 * len(ok)))
+    fig, ax = plt.subplots(figsize=(11, 2.6 + 0.7 * len(ok)))
     for i, r in enumerate(ok):
+        total = sum(q["median_ms"] for q in r["phases"].values())
         left = 0.0
         for j, phase in enumerate(phases):
             ms = r["phases"][phase]["median_ms"]
-            ax.barh(i, ms, left=left, color=colours[j], label=phase if i == 0 else None)
-            if ms > 0.06 * r["total"]["median_ms"]:
-                ax.text(left + ms / 2, i, f"{ms:.0f}", ha="center", va="center", fontsize=7)
-            left += ms
+            share = 100 * ms / total
+            ax.barh(i, share, left=left, color=colours[j], label=phase if i == 0 else None)
+            if share > 6:
+                ax.text(left + share / 2, i, f"{ms:.0f}", ha="center", va="center", fontsize=7)
+            left += share
+        ax.text(101, i, f"{total / 1e3:.2g} s", va="center", fontsize=8)
+    ax.set_xlim(0, 110)
     ax.set_yticks(range(len(ok)))
     ax.set_yticklabels([r["case"] for r in ok], fontsize=8)
-    ax.set_xlabel("milliseconds per training step (median of each phase)")
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    ax.set_xlabel("share of the training step (%); labels: median milliseconds of the phase")
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.45))
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -282,12 +289,13 @@ def replot(json_path: Path) -> int:
     data = json.loads(json_path.read_text())
     env = data["environment"]
     where = f"kpfast on {env.get('gpu', env['cpu'])} ({env['device']})"
-    if data["results"]:
-        plot(data["results"], json_path.with_suffix(".png"), where)
-    if data.get("breakdowns"):
-        plot_breakdown(data["breakdowns"], json_path.with_name(json_path.stem + "-breakdown.png"),
-                       where + ": one training step")
-    print(f"wrote {json_path.with_suffix('.png')}")
+    written = []
+    if data["results"] and plot(data["results"], json_path.with_suffix(".png"), where):
+        written.append(json_path.with_suffix(".png"))
+    breakdown_png = json_path.with_name(json_path.stem + "-breakdown.png")
+    if data.get("breakdowns") and plot_breakdown(data["breakdowns"], breakdown_png, where + ": one training step"):
+        written.append(breakdown_png)
+    print("wrote " + (", ".join(map(str, written)) or "nothing"))
     return 0
 
 

@@ -82,14 +82,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sides = {"this": ROOT} | ({"other": args.against.resolve()} if args.against else {})
     times = {k: [] for k in sides}
+    load = [os.getloadavg()[0]]
     for r in range(args.rounds):
         for name, path in sides.items():
             t = measure(path, args.preset, args.warmup, args.steps, args.threads)
             times[name].append(t)
             print(f"round {r + 1}/{args.rounds}: {name} ({path.name}) {1e3 * t:.1f} ms/step", flush=True)
-    result = {"command": " ".join(["python", *sys.argv]), "preset": args.preset, "threads": args.threads,
-              "steps": args.steps, "rounds": args.rounds,
-              "checkouts": {k: {"path": str(v), "commit": commit(v), "seconds_per_step": times[k],
+        load.append(os.getloadavg()[0])
+    command = ["python", "bench/step_speed.py", *(argv if argv is not None else sys.argv[1:])]
+    if args.against:  # the other checkout by its folder's name: nothing in a result points outside the repository
+        command = [f"../{args.against.resolve().name}" if c == str(args.against) else c for c in command]
+    result = {"command": " ".join(command), "preset": args.preset, "threads": args.threads,
+              "steps": args.steps, "rounds": args.rounds, "cores": os.cpu_count(),
+              "load_average_1min": load,  # other work on the machine while it ran: a ratio is only as good as this
+              "checkouts": {k: {"folder": v.name, "commit": commit(v), "seconds_per_step": times[k],
                                 "median_s": statistics.median(times[k])} for k, v in sides.items()}}
     if args.against:
         ratios = [o / t for o, t in zip(times["other"], times["this"])]
