@@ -85,6 +85,17 @@ def test_target_heatmaps_peak_where_soft_argmax_reads_the_keypoint(side):
     assert error < 0.1, f"the default soft-argmax reads target heatmaps {error:.3f} heatmap pixels off"
 
 
+def test_the_read_out_follows_where_a_heatmap_peaks_not_how_high():
+    g = torch.Generator().manual_seed(7)
+    keypoints = torch.rand(2, 6, 2, generator=g) * 1.6 - 0.8
+    maps = gaussian_heatmaps(keypoints, 32, 1.75) + 0.02 * torch.rand(2, 6, 32, 32, generator=g)
+    det = FabRecDetector(6, 32, z_dim=4, encoder_widths=(4,), generator_widths=(4, 4))
+    full, weak = det.read_keypoints(maps), det.read_keypoints(0.01 * maps)
+    assert torch.allclose(full.keypoints, weak.keypoints, atol=1e-5), "a weak map reads the same place"
+    assert (full.keypoints - keypoints).abs().max() < 0.02
+    assert (torch.sigmoid(weak.uncertainty) < torch.sigmoid(full.uncertainty)).all(), "but with less confidence"
+
+
 def test_heatmap_loss_only_counts_the_masked_maps():
     target = gaussian_heatmaps(torch.zeros(2, 3, 2), 8, 1.5)
     pred = target.clone()

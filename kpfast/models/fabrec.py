@@ -198,12 +198,15 @@ class FabRecDetector(nn.Module):
 
     def read_keypoints(self, heatmaps: Tensor) -> Detections:
         """Heatmaps ``[B, K, h, w]`` -> :class:`Detections`: keypoints by :func:`kpfast.soft_argmax` of
-        ``beta * heatmaps``, the same weights reading the heatmap's own value (the peak height: the
+        ``beta`` times each heatmap over its own peak (clamped to ``[-1, 1]``), so the read-out
+        follows where a map peaks, not how high, as the paper's maximum does (a weak map does not
+        drift to the centre); the same weights read the heatmap's own value (the peak height: the
         confidence, as a logit in ``uncertainty``); depth 0 (3FabRec has none)."""
         maps = heatmaps.contiguous()
-        keypoints, values = soft_argmax(maps, [maps], beta=self.beta)
-        peak = values[..., 0].clamp(1e-4, 1 - 1e-4)
-        return Detections(keypoints=keypoints, uncertainty=torch.logit(peak), depth=torch.zeros_like(peak),
+        peak = maps.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+        keypoints, values = soft_argmax((maps / peak).clamp_min(-1.0).contiguous(), [maps], beta=self.beta)
+        height = values[..., 0].clamp(1e-4, 1 - 1e-4)
+        return Detections(keypoints=keypoints, uncertainty=torch.logit(height), depth=torch.zeros_like(height),
                           heatmaps=heatmaps, uncertainty_maps=heatmaps)
 
     def forward(self, images: Tensor) -> Detections:
