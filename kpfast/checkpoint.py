@@ -4,10 +4,11 @@ The file format both sides share: training writes it (:mod:`kpfast.train`), infe
 reads it (:func:`kpfast.load`), so it lives outside both.
 
 A training checkpoint (``checkpoint.pt``, ``kind: "training"``) holds the model, the
-optimizer, the step, the config, the dataset meta, the few-shot indices, the data
+optimizer(s), the step, the config, the dataset meta, the few-shot indices, the data
 samplers' positions and the state of every random stream (the run's own generator
 per rank, torch's global CPU and CUDA generators, numpy's and Python's); a model file
-(``model.pt``, ``kind: "model"``) holds what inference needs. Both are plain
+(``model.pt``, ``kind: "model"``) holds what inference needs; a 3fabrec run also writes its
+stage-1 autoencoder (``autoencoder.pt``, ``kind: "autoencoder"``) for later runs to reuse. All are plain
 containers of tensors and JSON-like values, so they load with
 ``torch.load(weights_only=True)`` (:mod:`kpfast.safe_load`): reading a file can never
 run code from it.
@@ -34,6 +35,7 @@ from .safe_load import LoadError, load_tensor_file
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
+AUTOENCODER_NAME = "autoencoder.pt"
 FORMAT_VERSION = 2
 """2: plain containers only (numpy's random state as a tensor), ``sha256`` of the contents."""
 CHECKSUM_KEY = "sha256"
@@ -41,6 +43,7 @@ REQUIRED_KEYS = {
     "model": ("format", "version", "kind", "step", "config", "meta", "model"),
     "training": ("format", "version", "kind", "step", "config", "meta", "model", "optimizer", "labeled", "selection",
                  "labeled_stream", "rng", "world_size"),
+    "autoencoder": ("format", "version", "kind", "step", "config", "meta", "model"),
 }
 
 

@@ -86,6 +86,20 @@ class TrainConfig:
     the generator's bottleneck grid), ``adapt_generator_widths`` (full resolution, then
     one stride-2 level each; the paper's by default: the demo grids set a quarter of
     them) and ``adapt_generator_blocks`` (residual blocks at the bottleneck).
+    3FabRec (``method="3fabrec"`` only; see :mod:`kpfast.train.fabrec`): the stages split
+    ``iterations``: ``fabrec_ae_iterations`` steps of the autoencoder (stage 1), then the
+    interleaved transfer layers (stage 2), then ``fabrec_finetune_iterations`` steps of encoder
+    fine-tuning (stage 3; with ``without=("finetune",)`` stage 2 continues through them);
+    ``fabrec_autoencoder`` (a run folder or its ``autoencoder.pt``: reuse that stage-1
+    autoencoder, the run starts at step ``fabrec_ae_iterations``), ``fabrec_ae_lr`` (stage 1, and
+    the encoder in stage 3), ``fabrec_itl_lr`` (stage 2; a tenth of it in stage 3),
+    ``fabrec_z_dim`` (code length), ``fabrec_encoder_widths``, ``fabrec_generator_widths``,
+    ``fabrec_discriminator_widths`` (the image discriminator), loss weights ``fabrec_w_rec``
+    (pixel L1 in 8-bit grey levels), ``fabrec_w_cs`` (structural), ``fabrec_w_enc`` (encoding
+    feature), ``fabrec_w_adv`` (adversarial feature), ``fabrec_sigma`` (target heatmaps'
+    standard deviation as a fraction of their side), ``fabrec_beta`` (soft-argmax inverse
+    temperature on the heatmaps), ``fabrec_augment`` (strength in [0, 1] of the paper's stage-2
+    augmentation of the labelled images: rotation, translation, scale, flip).
 
     Run: ``seed``, ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``), ``out`` (the run
     folder), ``checkpoint_every``, ``log_every``, ``diagnostics_every`` (per-term gradient
@@ -157,6 +171,24 @@ class TrainConfig:
     adapt_landmark_sigma: float = math.sqrt(0.5)
     adapt_generator_widths: tuple = (64, 128, 256)
     adapt_generator_blocks: int = 6
+    # 3fabrec (paper: Adam (0, 0.999) at 2e-5 for the autoencoder, 1e-3 for the ITLs, code 99-D,
+    # lambda_rec ~ 1, lambda_cs ~ 60, lambda_enc = lambda_adv = 1, sigma 7 px on 128 px heatmaps)
+    fabrec_ae_iterations: int = 14000
+    fabrec_finetune_iterations: int = 2000
+    fabrec_autoencoder: Optional[str] = None
+    fabrec_ae_lr: float = 2e-5
+    fabrec_itl_lr: float = 1e-3
+    fabrec_z_dim: int = 99
+    fabrec_encoder_widths: tuple = (64, 128, 256, 512)
+    fabrec_generator_widths: tuple = (512, 256, 128, 64, 32)
+    fabrec_discriminator_widths: tuple = (64, 128, 256, 512)
+    fabrec_w_rec: float = 1.0
+    fabrec_w_cs: float = 60.0
+    fabrec_w_enc: float = 1.0
+    fabrec_w_adv: float = 1.0
+    fabrec_sigma: float = 7 / 128
+    fabrec_beta: float = 20.0
+    fabrec_augment: float = 1.0
     # run
     seed: int = 0
     device: str = "auto"
@@ -218,7 +250,7 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.without, str):
             self.without = (self.without,)
-        for name in ("without",) + WIDTH_FIELDS_MIN_LENGTH:
+        for name in ("without", *WIDTH_FIELDS_MIN_LENGTH):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
                 raise ValueError(f"TrainConfig: {name} must be a sequence, got {value!r}")
@@ -226,7 +258,7 @@ class TrainConfig:
         self.without = tuple(sorted(set(self.without), key=lambda w: (ABLATIONS + (w,)).index(w)))
         self.betas = tuple(self.betas) if not isinstance(self.betas, (str, bytes)) and hasattr(self.betas, "__iter__") \
             else self.betas
-        for name in ("dataset", "cache_dir", "out", "perceptual", "few_shot_features", "source"):
+        for name in ("dataset", "cache_dir", "out", "perceptual", "few_shot_features", "source", "fabrec_autoencoder"):
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
         self.validate()
@@ -262,7 +294,7 @@ class TrainConfig:
             if not is_number(v) or not math.isfinite(v) or v < low or (low_open and v == low) or v > high:
                 within = (f"> {low:g}" if low_open else f">= {low:g}") + (f" and <= {high:g}" if math.isfinite(high) else "")
                 bad(f"{name} must be a finite number {within}, got {v!r}")
-        for name in ("dataset", "perceptual", "few_shot_features", "device", "cache_dir", "out", "source"):
+        for name in ("dataset", "perceptual", "few_shot_features", "device", "cache_dir", "out", "source", "fabrec_autoencoder"):
             v = getattr(self, name)
             if v is None and name in OPTIONAL_FIELDS:
                 continue
@@ -271,7 +303,7 @@ class TrainConfig:
         for name in ("channels_last", "progress", "resume", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 bad(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name, min_length in zip(WIDTH_FIELDS_MIN_LENGTH, (1, 0, 2, 2)):
+        for name, min_length in WIDTH_FIELDS_MIN_LENGTH.items():
             v = getattr(self, name)
             if len(v) < min_length or not all(is_int(w) and w >= 1 for w in v):
                 what = {0: "a list of", 1: "a non-empty list of", 2: "a list of at least 2"}[min_length]
@@ -333,6 +365,24 @@ class TrainConfig:
         if self.diagnostics_every is not None and self.diagnostics_every % self.log_every:
             bad(f"diagnostics_every must be 0 (off) or a multiple of log_every ({self.log_every}), "
                 f"got {self.diagnostics_every}")
+        if self.method == "3fabrec":
+            self._validate_fabrec(bad)
+
+    def _validate_fabrec(self, bad) -> None:
+        stages = self.fabrec_ae_iterations + self.fabrec_finetune_iterations
+        if stages >= self.iterations:
+            bad(f"fabrec_ae_iterations ({self.fabrec_ae_iterations}) + fabrec_finetune_iterations "
+                f"({self.fabrec_finetune_iterations}) must leave at least one of the {self.iterations} iterations "
+                "to the transfer layers (stage 2)")
+        for name in ("fabrec_encoder_widths", "fabrec_generator_widths", "fabrec_discriminator_widths"):
+            blocks = len(getattr(self, name))
+            if self.image_size % 2 ** blocks:
+                bad(f"image_size {self.image_size} must be divisible by 2**{blocks} (the {blocks} blocks of {name})")
+        if self.fabrec_ae_iterations and not self.batch_unlabeled:
+            bad("batch_unlabeled must be at least 1: 3fabrec's stage 1 trains on unlabelled images")
+        if self.uses("struct") and self.image_size < 11:
+            bad(f"image_size {self.image_size} is smaller than the structural loss's 11x11 window "
+                "(use --without struct)")
 
     def replace(self, **changes) -> "TrainConfig":
         """A copy with some fields changed (validated)."""
@@ -353,7 +403,8 @@ class TrainConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "TrainConfig":
-        """A preset (see :data:`PRESETS`) with ``overrides`` applied.
+        """A preset (see :data:`PRESETS`), then the method's own values at that preset
+        (:attr:`kpfast.methods.Method.presets`), then ``overrides``.
 
         Example:
             >>> cfg = TrainConfig.from_preset("paper", shots=5)
@@ -362,7 +413,9 @@ class TrainConfig:
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides, "preset": name})
+        chosen = overrides.get("method", PRESETS[name].get("method", cls.method))
+        own = METHOD_REGISTRY[chosen].presets.get(name, {}) if chosen in METHOD_REGISTRY else {}
+        return cls(**{**PRESETS[name], **own, **overrides, "preset": name})
 
 
 def run_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -387,6 +440,7 @@ INT_RANGES: dict[str, tuple[int, Optional[int]]] = {
     "mask_grid": (1, None), "diagnostics_every": (0, None), "sc_channels": (1, None),
     "source_iterations": (1, None),
     "source_seed": (0, 2**31 - 1), "adapt_landmarks": (1, None), "adapt_generator_blocks": (1, None),
+    "fabrec_ae_iterations": (0, None), "fabrec_finetune_iterations": (0, None), "fabrec_z_dim": (1, None),
 }
 FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     # field: (low, high, low excluded); every value must be finite
@@ -397,10 +451,16 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     "w_heatmap": (0.0, math.inf, False), "w_sc": (0.0, math.inf, False), "w_te": (0.0, math.inf, False),
     "w_ti": (0.0, math.inf, False), "heatmap_sigma": (0.0, math.inf, True),
     "adapt_landmark_beta": (0.0, math.inf, True), "adapt_landmark_sigma": (0.0, math.inf, True),
+    "fabrec_ae_lr": (0.0, math.inf, True), "fabrec_itl_lr": (0.0, math.inf, True),
+    "fabrec_w_rec": (0.0, math.inf, False), "fabrec_w_cs": (0.0, math.inf, False),
+    "fabrec_w_enc": (0.0, math.inf, False), "fabrec_w_adv": (0.0, math.inf, False),
+    "fabrec_sigma": (0.0, 1.0, True), "fabrec_beta": (0.0, math.inf, True), "fabrec_augment": (0.0, 1.0, False),
 }
 OPTIONAL_FIELDS = frozenset({"train_size", "test_size", "batch_labeled", "ramp_iterations", "cache_dir", "out",
-                             "preset", "diagnostics_every", "source", "source_iterations"})
-WIDTH_FIELDS_MIN_LENGTH = ("detector_widths", "detector_up_widths", "unet_widths", "adapt_generator_widths")
+                             "preset", "diagnostics_every", "source", "source_iterations", "fabrec_autoencoder"})
+WIDTH_FIELDS_MIN_LENGTH = {"detector_widths": 1, "detector_up_widths": 0, "unet_widths": 2, "adapt_generator_widths": 2,
+                           "fabrec_encoder_widths": 1, "fabrec_generator_widths": 2, "fabrec_discriminator_widths": 1}
+"""Channel-list fields and the fewest blocks each takes."""
 
 
 PRESETS: dict[str, dict] = {

@@ -192,6 +192,9 @@ def load(checkpoint: Union[str, os.PathLike], *, device: Union[str, torch.device
     ckpt = load_checkpoint(path, map_location="cpu")  # safe: tensors and plain values only, checksum verified
     cfg = TrainConfig.from_dict(ckpt["config"])
     state = ckpt["model"]
+    if ckpt.get("kind") == "autoencoder":
+        raise CheckpointError(f"{path}: the stage-1 autoencoder of a 3fabrec run, not a keypoint model; load the "
+                              "run's model.pt")
     if ckpt.get("kind") == "training":
         if method(cfg.method).inference != DETECTOR_INFERENCE:  # its training checkpoint holds more than a detector
             raise CheckpointError(f"{path}: a training checkpoint of method {cfg.method!r}; load the run's model.pt")

@@ -17,7 +17,7 @@ keypoint detector, and one :class:`Method` line here.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 DETECTOR_INFERENCE = "kpfast.models.detector:detector_from_config"
@@ -37,6 +37,9 @@ class Method:
     inference: str = DETECTOR_INFERENCE
     unlabeled: bool = True
     """Whether the method trains on unlabelled images (the supervised baseline does not)."""
+    presets: dict = field(default_factory=dict)
+    """Its own fields' values at a preset's scale: ``{preset: {field: value}}``, applied by
+    ``TrainConfig.from_preset`` over the preset (and under the caller's overrides)."""
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -58,6 +61,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                          "discovered landmarks to the keypoints, fitted on the labelled images",
            trainer="kpfast.train.adaptation:AdaptationTrainer",
            inference="kpfast.models.adaptation:adapted_detector_from_config"),
+    Method("3fabrec", "3FabRec: an adversarial autoencoder trained on the unlabelled images, then interleaved "
+                      "transfer layers in its frozen generator predict heatmaps (+ encoder fine-tuning)",
+           components=("adv", "struct", "finetune"), ablations=("adv", "struct", "finetune", "kmeans"),
+           trainer="kpfast.train.fabrec:FabRecTrainer", inference="kpfast.models.fabrec:fabrec_detector_from_config",
+           presets={"demo": dict(fabrec_ae_iterations=800, fabrec_finetune_iterations=100, fabrec_ae_lr=5e-4,
+                                 fabrec_sigma=0.15, fabrec_encoder_widths=(16, 32, 64, 128),
+                                 fabrec_generator_widths=(128, 64, 32, 16), fabrec_discriminator_widths=(16, 32, 64, 128)),
+                    "tiny": dict(fabrec_ae_iterations=2, fabrec_finetune_iterations=1, fabrec_z_dim=8,
+                                 fabrec_encoder_widths=(8, 16), fabrec_generator_widths=(16, 8, 8),
+                                 fabrec_discriminator_widths=(8, 16))}),
 )}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from PIL import Image
 from torch import Tensor
 
@@ -124,6 +125,36 @@ def landmark_sheet(images: Tensor, landmarks: Tensor, *, cols: int = 8) -> Image
     return image_grid(tiles, cols=min(cols, len(tiles)))
 
 
+def heatmap_overlay(image: Tensor, heatmaps: Tensor) -> Tensor:
+    """``image [3, S, S]`` darkened, with the maximum over keypoints of ``heatmaps [K, h, w]`` (clamped
+    to [0, 1], resized to ``S``) in red and yellow on top: ``[3, S, S]`` in [0, 1]."""
+    import torch.nn.functional as F
+
+    heat = heatmaps.detach().float().cpu().clamp(0, 1).amax(0, keepdim=True)[None]
+    heat = F.interpolate(heat, size=tuple(image.shape[-2:]), mode="bilinear", align_corners=True)[0, 0]
+    color = torch.stack([heat.sqrt(), heat, torch.zeros_like(heat)])  # red where faint, yellow at the peaks
+    return (0.45 * image.detach().float().cpu() + color).clamp(0, 1)
+
+
+def reconstruction_heatmap_sheet(images: Tensor, reconstructions: Tensor, heatmaps: Tensor,
+                                 *, rows: int = 8) -> Image.Image:
+    """One row per image: original | reconstruction | predicted heatmaps (their maximum over keypoints,
+    grey, clamped to [0, 1]) | the heatmaps over the image (:func:`heatmap_overlay`).
+
+    ``images, reconstructions [B, 3, S, S]`` in [0, 1]; ``heatmaps [B, K, h, w]``."""
+    import torch.nn.functional as F
+
+    scale = _scale_for(images.shape[-1])
+    tiles = []
+    for i in range(min(rows, images.shape[0])):
+        heat = heatmaps[i].detach().float().cpu().clamp(0, 1).amax(0)[None, None]
+        heat = F.interpolate(heat, size=tuple(images.shape[-2:]), mode="nearest")[0, 0]
+        for im in (images[i], reconstructions[i], heat.expand(3, *heat.shape), heatmap_overlay(images[i], heatmaps[i])):
+            p = to_pil(im)
+            tiles.append(p.resize((p.width * scale, p.height * scale), Image.NEAREST))
+    return image_grid(tiles, cols=4)
+
+
 def save(picture: Image.Image, path) -> None:
     """Write a PNG (creating the directory)."""
     from pathlib import Path
@@ -133,4 +164,4 @@ def save(picture: Image.Image, path) -> None:
 
 
 __all__ = ["certainty_colors", "prediction_sheet", "reconstruction_sheet", "edge_map_sheet", "heatmap_sheet",
-           "landmark_sheet", "save"]
+           "landmark_sheet", "heatmap_overlay", "reconstruction_heatmap_sheet", "save"]

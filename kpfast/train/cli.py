@@ -180,7 +180,9 @@ def argv_for(config: dict) -> list[str]:
         ['--preset', 'demo', '--seed', '3', '--out', 'runs/x']
     """
     preset = config.get("preset") or "paper"
-    base = TrainConfig.from_preset(preset).to_dict()
+    # the preset with the run's method's own values at it (kpfast.methods.Method.presets), which then go unsaid
+    base = {**TrainConfig.from_preset(preset, method=config.get("method", TrainConfig.method)).to_dict(),
+            "method": TrainConfig.from_preset(preset).method}
     args = ["--preset", preset]
     for name, value in config.items():
         if name in RUN_FIELDS or base.get(name) == value:

@@ -62,6 +62,26 @@ class World:
         dist.all_reduce(t)
         return bool(t.item() == 0)
 
+    def average_gradients(self, params) -> None:
+        """Replace each gradient of ``params`` (those that have one) by its mean over the processes
+        (a collective: call it on all ranks with the same parameters), in one flat reduction."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not self.distributed or not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Rank 0's buffers (normalization statistics) of ``module`` on every rank, as DDP does."""
+        if self.distributed:
+            for b in module.buffers():
+                dist.broadcast(b, src=0)
+
     def close(self) -> None:
         if self.initialized_here and dist.is_initialized():
             dist.destroy_process_group()

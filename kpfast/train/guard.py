@@ -148,7 +148,7 @@ class NaNGuard(Hook):
             return
 
         def replay():
-            streams = RandomStreams(tr.cfg.seed, tr.world.rank)
+            streams = RandomStreams(tr.cfg.seed, tr.world.rank, tr.stream_names)
             streams.load_state_dict(tr.step_random_state)
             return tr.objective(tr.model, batch, step, streams)[0].as_dict(), tr.objective.weights
 

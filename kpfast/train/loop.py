@@ -38,7 +38,7 @@ from .objective import LossTerms, Objective
 from .results import Checkpointer, Evaluation, Pictures
 from .run_folder import RunFolder, RunFolderError, prepare_run_folder
 from .run_log import RunLog
-from .streams import RandomStreams, global_rng_state, set_global_rng_state, stream_seed
+from .streams import STEP_STREAMS, RandomStreams, global_rng_state, set_global_rng_state, stream_seed
 
 __all__ = ["Trainer", "run", "trainer_class", "build_model", "parameter_groups", "NonFiniteLossError"]
 
@@ -75,6 +75,9 @@ class Trainer:
     :meth:`run` returns.
     """
 
+    stream_names: tuple = STEP_STREAMS
+    """The random streams a step draws from (:mod:`kpfast.train.streams`); a method may add its own."""
+
     def __init__(self, cfg: TrainConfig):
         self.t_start = time.perf_counter()
         cfg.validate()  # a TrainConfig is mutable: check what is about to train
@@ -109,7 +112,7 @@ class Trainer:
         self.optimizer = self.build_optimizer()
 
         # one generator per kind of draw (transforms, masks, partners), per rank: see streams.py
-        self.streams = RandomStreams(cfg.seed, self.world.rank)
+        self.streams = RandomStreams(cfg.seed, self.world.rank, self.stream_names)
         self.step_random_state: Optional[dict] = None
         self.unlabeled_batch = cfg.batch_unlabeled if method(cfg.method).unlabeled else 0
         self.unlabeled = BatchStream(range(len(self.data.train)), max(self.unlabeled_batch, 1),
@@ -117,17 +120,12 @@ class Trainer:
                                      world_size=self.world.size)
         self.labeled = BatchStream(self.data.labeled, cfg.labeled_batch, seed=stream_seed(cfg.seed, "labeled"))
         self.backend = "reference" if cfg.ops == "reference" else "auto"
-        self.step = 0
+        self.step = self.initial_step()
         self.resumed_from: Optional[int] = None
         if cfg.resume:
             self._restore()
 
-        self.ddp_model = self.model
-        if self.world.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.ddp_model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.ddp_model = self.wrap_distributed() if self.world.distributed else self.model
         self.metrics: Optional[dict] = None  # rank 0's, set by the Evaluation hook
         self.guard = NaNGuard(self)
         self.log = RunLog(self.out, total=cfg.iterations, start_step=self.step, every=cfg.log_every,
@@ -151,6 +149,18 @@ class Trainer:
     def build_optimizer(self) -> torch.optim.Optimizer:
         """Adam over :func:`parameter_groups` (each group's ``lr_scale`` multiplies the schedule)."""
         return torch.optim.Adam(parameter_groups(self.model, self.cfg), lr=self.cfg.lr, betas=self.cfg.betas)
+
+    def initial_step(self) -> int:
+        """The step a run that is not resumed starts at: 0 (a method that reads earlier steps' work from
+        a file may start later)."""
+        return 0
+
+    def wrap_distributed(self) -> torch.nn.Module:
+        """What the objective runs under ``torchrun``: ``self.model`` in DistributedDataParallel, which
+        averages the gradients over the processes in the backward pass."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def detect(self, images: Tensor) -> Tensor:
         """Keypoints ``[B, K, 2]`` of ``images`` by the trained model in eval mode (for the evaluation)."""

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint import CHECKPOINT_NAME, MODEL_NAME, atomic_write, remove_stale_temporaries
+from ..checkpoint import AUTOENCODER_NAME, CHECKPOINT_NAME, MODEL_NAME, atomic_write, remove_stale_temporaries
 from ..config import TrainConfig, run_differences
 from .run_log import LOG_NAME
 
@@ -36,9 +36,9 @@ SNAPSHOT_FOLDER = "images"
 """``images/stepNNNNNN_<picture>``: the PNG snapshots of ``image_every``."""
 TENSORBOARD_FOLDER = "tb"
 LOCK_NAME = ".kpfast.lock"
-RUN_FILES = (RUN_RECORD, METRICS_NAME, MODEL_NAME, CHECKPOINT_NAME, LOG_NAME) + PICTURES
+RUN_FILES = (RUN_RECORD, METRICS_NAME, MODEL_NAME, CHECKPOINT_NAME, AUTOENCODER_NAME, LOG_NAME) + PICTURES
 """The files a run writes at the top of its folder."""
-ATOMIC_FILES = (RUN_RECORD, MODEL_NAME, CHECKPOINT_NAME)
+ATOMIC_FILES = (RUN_RECORD, MODEL_NAME, CHECKPOINT_NAME, AUTOENCODER_NAME)
 """The files written through :func:`~kpfast.checkpoint.atomic_write` (temporaries ``.NAME.*.tmp``)."""
 
 
