@@ -142,6 +142,12 @@ def verdicts(summary: dict) -> list[str]:
                 f"Worse than full by more than one sd (NME): {', '.join(worse) or 'none'}")
         if not_worse:
             line += f"; **not** worse by more than one sd: {', '.join(not_worse)}"
+        every_seed = [a["label"] for a in d["arms"] if a["vs_full"] and a["label"] != "supervised"
+                      and (a["vs_full"].get("nme_paired") or {}).get("n", 0) >= 2
+                      and a["vs_full"]["nme_paired"]["worse"] == a["vs_full"]["nme_paired"]["n"]]
+        if every_seed:
+            line += (f"; worse than full on every seed, seed by seed (same data, initial weights and random streams): "
+                     f"{', '.join(every_seed)}")
         lines.append(line + ".")
     return lines
 
@@ -173,7 +179,7 @@ def diagnose_files(committed_only: bool) -> list[Path]:
 
 def _detail(v) -> str:
     if isinstance(v, dict) and "loss" in v:  # a reconstruction variant: its held-out loss
-        return f"loss {v['loss']:.4g}"
+        return f"loss {v['loss']:.4g}" + (f" (edge strength {v['alpha']:.3g})" if "alpha" in v else "")
     return f"{v:.3g}" if isinstance(v, (int, float)) else str(v)
 
 
@@ -185,7 +191,8 @@ def diagnose_block(files: list[Path]) -> str:
         d = json.loads(path.read_text())
         for c in d["checks"]:
             detail = ", ".join(f"{k} {_detail(v)}" for k, v in c["detail"].items())
-            lines.append(f"| {d['dataset']} | {c['name']} | {c['value']:.3f} | {c['threshold']:g} | "
+            data = d["dataset"] + (f" ({', '.join(d['set'])})" if d.get("set") else "")
+            lines.append(f"| {data} | {c['name']} | {c['value']:.3f} | {c['threshold']:g} | "
                          f"{'pass' if c['passed'] else '**FAIL**'} | {detail} |")
     lines += ["", "Commands: " + "; ".join(f"`{json.loads(p.read_text())['command']}`" for p in files)]
     return f"{DIAG_START}\n" + "\n".join(lines) + f"\n{DIAG_END}"

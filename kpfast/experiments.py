@@ -270,7 +270,20 @@ def _versus(arm: dict, full: dict) -> Optional[dict]:
         sd = max(a["sd"] or 0.0, f["sd"] or 0.0)
         out[key] = {"difference": diff, "sd": sd, "worse_by_more_than_1sd": worse_sign * diff > sd}
     out["nme_relative"] = 100.0 * (1 - full["nme"]["mean"] / arm["nme"]["mean"]) if arm["nme"]["mean"] else None
+    out["nme_paired"] = _paired(arm, full, "nme")
     return out
+
+
+def _paired(arm: dict, full: dict, key: str) -> dict:
+    """Seed by seed ``arm - full`` of ``key``: a seed draws the same data, initial weights and random
+    streams in both arms (kpfast/train/streams.py), so its difference is the term's own effect
+    plus training noise. ``worse``: how many of the seeds the arm lost."""
+    mine = dict(zip(arm["seeds"], arm[key]["values"]))
+    theirs = dict(zip(full["seeds"], full[key]["values"]))
+    seeds = [s for s in arm["seeds"] if s in theirs and mine[s] is not None and theirs[s] is not None]
+    diffs = [mine[s] - theirs[s] for s in seeds]
+    return {"seeds": seeds, "differences": diffs, **{k: v for k, v in _stats(diffs).items() if k != "values"},
+            "worse": sum(d > 0 for d in diffs) if key == "nme" else sum(d < 0 for d in diffs)}
 
 
 def _fmt(stats: dict, digits: int) -> str:
@@ -294,8 +307,8 @@ def markdown(summary: dict) -> str:
                   f"{info.get('train_images')} training / {info.get('test_images')} test images, "
                   f"{info.get('iterations')} iterations, seeds {', '.join(map(str, summary['seeds']))}", "",
                   "| arm | test NME (%) | PCK@0.1 (%) | spread | NME per seed | vs full: NME, PCK | "
-                  + "".join(f"{k} | " for k in extra) + "minutes |",
-                  "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
+                  "NME − full, seed by seed | " + "".join(f"{k} | " for k in extra) + "minutes |",
+                  "|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
         for a in d["arms"]:
             vs = a["vs_full"]
             if vs is None:
@@ -303,17 +316,20 @@ def markdown(summary: dict) -> str:
             else:
                 mark = lambda k: " (worse > 1 sd)" if vs[k]["worse_by_more_than_1sd"] else ""  # noqa: E731
                 cmp_ = f"{vs['nme']['difference']:+.2f}{mark('nme')}, {vs['pck@0.1']['difference']:+.1f}{mark('pck@0.1')}"
+            paired = (vs or {}).get("nme_paired")
+            pair = (f"{', '.join(f'{x:+.2f}' for x in paired['differences'])} (worse on {paired['worse']} of "
+                    f"{len(paired['differences'])})" if paired and paired["differences"] else "")
             missing = f" (missing seeds {a['missing']})" if a["missing"] else ""
             cells = "".join(f"{_fmt(a['extra'][k], 2) if k in a.get('extra', {}) else '—'} | " for k in extra)
             lines.append(f"| {a['label']}{missing} | {_fmt(a['nme'], 2)} | {_fmt(a['pck@0.1'], 1)} | "
-                         f"{_fmt(a['spread'], 2)} | {_seeds(a['nme'], 2)} | {cmp_} | {cells}{_fmt(a['minutes'], 1)} |")
+                         f"{_fmt(a['spread'], 2)} | {_seeds(a['nme'], 2)} | {cmp_} | {pair} | {cells}{_fmt(a['minutes'], 1)} |")
         names = {"mean_shape": "reference: mean labelled shape (sees no image)",
                  "fitted_mean_shape": "reference: mean shape, oracle similarity placement"}
         for key, label in names.items():
             r = d["reference"][key]
             if r:
                 lines.append(f"| *{label}* | {_fmt(r['nme'], 2)} | {_fmt(r['pck@0.1'], 1)} | {_fmt(r['spread'], 2)} | "
-                             f"{_seeds(r['nme'], 2)} | | " + "| " * len(extra) + "|")
+                             f"{_seeds(r['nme'], 2)} | | | " + "| " * len(extra) + "|")
         lines.append("")
     return "\n".join(lines)
 

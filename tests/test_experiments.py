@@ -89,3 +89,17 @@ def test_a_methods_extra_metrics_get_columns_and_a_grid_without_full_takes_the_f
     assert "backward (%) | minutes |" in rows["| arm"]
     assert rows["| a"].endswith("| 4.00 ± 1.41 | 1.0 ± 0.0 |") and rows["| b"].endswith("| — | 1.0 ± 0.0 |")
     assert rows["| *reference: mean labelled shape (sees no image)*"].count("|") == rows["| arm"].count("|")
+
+
+def test_paired_differences_pair_seeds_and_count_the_seeds_an_arm_lost():
+    def arm(seeds, nmes):
+        return {"seeds": seeds, "nme": experiments._stats(nmes)}
+
+    full = arm([100, 101, 102], [30.0, 40.0, 35.0])
+    ablation = arm([100, 102], [31.0, 34.0])  # seed 101 missing: paired on the seeds both have
+    paired = experiments._paired(ablation, full, "nme")
+    assert paired["seeds"] == [100, 102]
+    assert paired["differences"] == pytest.approx([1.0, -1.0])
+    assert paired["worse"] == 1 and paired["mean"] == pytest.approx(0.0) and paired["n"] == 2
+    # the unpaired comparison of the means would mix in seed 101's data: 32.5 vs 35.0
+    assert ablation["nme"]["mean"] - full["nme"]["mean"] == pytest.approx(-2.5)
