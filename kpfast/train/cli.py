@@ -31,6 +31,7 @@ import sys
 import typing
 
 from ..config import ABLATIONS, METHODS, OPS, PRESETS, RUN_FIELDS, TrainConfig
+from ..methods import METHODS as METHOD_REGISTRY
 
 # fields with an option of their own that --set would be silently overridden by
 OWN_OPTION_FIELDS = {"preset": "--preset", "out": "--out", "resume": "--resume", "overwrite": "--overwrite"}
@@ -181,8 +182,10 @@ def argv_for(config: dict) -> list[str]:
     """
     preset = config.get("preset") or "paper"
     # the preset with the run's method's own values at it (kpfast.methods.Method.presets), which then go unsaid
-    base = {**TrainConfig.from_preset(preset, method=config.get("method", TrainConfig.method)).to_dict(),
-            "method": TrainConfig.from_preset(preset).method}
+    # (read from the registry, not by building that method's config: a method may need fields the preset lacks)
+    own = METHOD_REGISTRY[config["method"]].presets.get(preset, {}) if config.get("method") in METHOD_REGISTRY else {}
+    base = {**TrainConfig.from_preset(preset).to_dict(),
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in own.items()}}
     args = ["--preset", preset]
     for name, value in config.items():
         if name in RUN_FIELDS or base.get(name) == value:
