@@ -301,14 +301,22 @@ def _tiles(H: int, W: int, block) -> int:
     return triton.cdiv(H, block[0]) * triton.cdiv(W, block[1])
 
 
+def _inputs(kp, edges, unc, w, s2):
+    """Contiguous inputs, int32 edges and a one-element ``s2`` (or None)."""
+    contiguous = (None if t is None else t.contiguous() for t in (kp, unc, w))
+    kp, unc, w = contiguous
+    return kp, edges.to(torch.int32).contiguous(), unc, w, None if s2 is None else s2.reshape(1)
+
+
 def edge_map_forward(kp, edges, unc, w, s2, s2_value, H, W, precision, eps):
     """Launch the forward kernel.
 
-    Args: ``kp [B,K,2]``, ``edges [E,2]`` int32, ``unc [B,K]`` or None, ``w [E]``/``[B,E]``
-    or None (all contiguous, any float dtype), ``s2`` a one-element tensor, or None for the
+    Args: ``kp [B,K,2]``, ``edges [E,2]`` integers, ``unc [B,K]`` or None, ``w [E]``/``[B,E]``
+    or None (any float dtypes: converted on load), ``s2`` a 0-dim tensor, or None for the
     Python float ``s2_value`` (passed to the kernel as a value: nothing is copied to the device).
     Returns ``(out [B,H,W] in kp.dtype, winner [B,H,W] int32)``.
     """
+    kp, edges, unc, w, s2 = _inputs(kp, edges, unc, w, s2)
     B, K, _ = kp.shape
     E = edges.shape[0]
     out = torch.empty(B, H, W, dtype=kp.dtype, device=kp.device)
@@ -341,7 +349,9 @@ def _next_nonfinite(kp, edges, unc, w):
 
 
 def edge_map_backward(grad_out, winner, kp, edges, unc, w, s2, s2_value, precision, eps):
-    """Launch the backward kernel; returns per-edge gradients ``[B, E, 8]`` in the compute dtype."""
+    """Launch the backward kernel; returns per-edge gradients ``[B, E, NGRAD]`` in the compute dtype."""
+    kp, edges, unc, w, s2 = _inputs(kp, edges, unc, w, s2)
+    grad_out, winner = grad_out.contiguous(), winner.contiguous()
     B, K, _ = kp.shape
     E = edges.shape[0]
     H, W = grad_out.shape[1:]

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kpfast.ops import _backends
+from kpfast.ops import _tensors
 
 from ._common import f64_bits, from_f64_bits
 
@@ -325,7 +325,7 @@ class _Readouts:
             else:
                 # The int64 offsets, copied to the device once per layout (the caching allocator
                 # usually hands a training loop the same addresses every step) and capturable.
-                self.table = _backends.device_constant(tuple(offs), torch.int64, heatmaps.device)
+                self.table = _tensors.device_constant(tuple(offs), torch.int64, heatmaps.device)
 
     @property
     def use_table(self) -> bool:
@@ -345,6 +345,7 @@ def soft_argmax_forward(heatmaps, readouts, stacked, beta, beta_value, *, split=
     readout channels per program (tests). Returns ``(keypoints [B,K,2], values [B,K,C],
     stats [B,K,2])`` in float32 (float64 for float64 input); ``stats`` holds (max logit, normalizer).
     """
+    heatmaps, readouts = _tensors.planes(heatmaps), _tensors.plane_list(readouts, stacked)
     B, K, H, W = heatmaps.shape
     device, acc = heatmaps.device, _acc_dtype(heatmaps.dtype)
     R = _Readouts(heatmaps, readouts, stacked)
@@ -386,6 +387,9 @@ def soft_argmax_backward(grad_kp, grad_values, heatmaps, readouts, stacked, beta
     ``grad_readouts`` is ``[B,K,C,H,W]`` when ``stacked`` and ``[C,B,K,H,W]`` otherwise, in the
     heatmaps' dtype; ``grad_beta`` holds per-row sums in the accumulation dtype.
     """
+    heatmaps, readouts = _tensors.planes(heatmaps), _tensors.plane_list(readouts, stacked)
+    grad_kp, grad_values = grad_kp.contiguous(), grad_values.contiguous()
+    kp, values, stats = kp.contiguous(), values.contiguous(), stats.contiguous()
     B, K, H, W = heatmaps.shape
     device, dtype, acc = heatmaps.device, heatmaps.dtype, _acc_dtype(heatmaps.dtype)
     R = _Readouts(heatmaps, readouts, stacked)

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kpfast.ops._tensors import compute
+
 # The per-fit record part_alignment's forward keeps for its backward (the same layout as
 # csrc/umeyama.cpp, checked against kpfast._C.PART_RECORD_LAYOUT by the tests): A = s R
 # (9, row-major) and t of the fit in its frame, 1/W, and for the full gradient the adjoints
@@ -638,24 +640,28 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 def umeyama_forward(src, dst, w, scale, tol):
-    """``src, dst [N, M, D]``, ``w [N, M]`` or None (contiguous, float32/float64); tol = (spread, corr, tie).
+    """``src, dst [N, M, D]``, ``w [N, M]`` or None; tol = (spread, corr, tie).
     Returns ``R [N, D, D]``, ``s [N]``, ``t [N, D]`` in the dtype of ``src``."""
+    dtype = src.dtype
+    src, dst, w = compute(src), compute(dst), compute(w)
     N, M, D = src.shape
     R = torch.empty(N, D, D, dtype=src.dtype, device=src.device)
     s = torch.empty(N, dtype=src.dtype, device=src.device)
     t = torch.empty(N, D, dtype=src.dtype, device=src.device)
     if N == 0:
-        return R, s, t
+        return R.to(dtype), s.to(dtype), t.to(dtype)
     _umeyama_fwd_kernel[(triton.cdiv(N, UMEYAMA_BLOCK_N),)](
         src, dst, w if w is not None else src, R, s, t, N, M, *tol,
         D=D, HAS_W=w is not None, SCALE=scale, NSWEEPS=NSWEEP, BLOCK_N=UMEYAMA_BLOCK_N, DT=_tl_dtype(src.dtype),
         num_warps=NUM_WARPS,
     )
-    return R, s, t
+    return R.to(dtype), s.to(dtype), t.to(dtype)
 
 
 def umeyama_backward(gR, gs, gt, src, dst, w, scale, tol):
-    """Gradients ``(src [N,M,D], dst [N,M,D], weights [N,M])`` in the dtype of ``src``."""
+    """Gradients ``(src [N,M,D], dst [N,M,D], weights [N,M])`` in the compute dtype."""
+    src, dst, w = compute(src), compute(dst), compute(w)
+    gR, gs, gt = (compute(g, src.dtype) for g in (gR, gs, gt))
     N, M, D = src.shape
     g_src = torch.empty_like(src)
     g_dst = torch.empty_like(src)
@@ -691,24 +697,29 @@ def part_frames(x, m, w):
     return torch.cat([o, k.expand(B, -1).unsqueeze(-1)], -1).contiguous()
 
 
-def part_alignment_forward(x, m, w, scale, full, tol):
-    """``x [B,K,D]``, ``m [P,K]`` uint8, ``w [B,K]`` or None. Returns ``r [B,B,P]`` and the records ``[B,B,P,NREC]``."""
+def part_alignment_forward(points, parts, w, scale, full, tol):
+    """``points [B,K,D]``, ``parts [P,K]`` bool, ``w [B,K]`` or None. Returns ``r [B,B,P]`` in the
+    dtype of ``points`` and the records ``[B,B,P,NREC]``."""
+    x, w, m = compute(points), compute(w), parts.to(torch.uint8).contiguous()
     B, K, D = x.shape
     P = m.shape[0]
     r = torch.empty(B, B, P, dtype=x.dtype, device=x.device)
     rec = torch.empty(B, B, P, RECORD["size"], dtype=x.dtype, device=x.device)
     if P == 0:
-        return r, rec
+        return r.to(points.dtype), rec
     _part_fwd_kernel[(triton.cdiv(B * B, PART_BLOCK_PAIRS), P)](
         x, m, w if w is not None else x, part_frames(x, m, w), r, rec, B, K, P, *tol,
         D=D, HAS_W=w is not None, SCALE=scale, FULL=full, NSWEEPS=NSWEEP, BLOCK_PAIRS=PART_BLOCK_PAIRS,
         DT=_tl_dtype(x.dtype), num_warps=NUM_WARPS,
     )
-    return r, rec
+    return r.to(points.dtype), rec
 
 
-def part_alignment_backward(g, r, rec, x, m, w, full):
-    """Gradients ``(points [B,K,D], weights [B,K])`` from ``grad_r``, ``r`` and the forward's records."""
+def part_alignment_backward(grad_r, r, rec, points, parts, w, scale, full):
+    """Gradients ``(points [B,K,D], weights [B,K])`` in the compute dtype from ``grad_r``, ``r`` and the
+    forward's records (``scale`` is in the records)."""
+    x, w, m = compute(points), compute(w), parts.to(torch.uint8).contiguous()
+    g, r, rec = compute(grad_r, x.dtype), compute(r, x.dtype), rec.contiguous()
     B, K, D = x.shape
     P = m.shape[0]
     if P == 0:

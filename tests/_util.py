@@ -11,7 +11,7 @@ import random
 import torch
 
 import kpfast
-from kpfast.backend import interpreting_triton
+from kpfast.ops.backend import interpreting_triton
 
 
 def kernel_backends() -> list[str]:

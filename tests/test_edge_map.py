@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kpfast
-from kpfast.backend import interpreting_triton
+from kpfast.ops.backend import interpreting_triton
 from kpfast.data.skeletons import all_pairs
 from kpfast.reference import edge_map_reference
 

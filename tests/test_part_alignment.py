@@ -8,7 +8,7 @@ import roma
 import torch
 
 import kpfast
-from kpfast.ops import _backends
+from kpfast.ops.backend import extension, triton_kernels
 from kpfast.reference import part_alignment_reference
 
 from _util import assert_close, device_for, fresh_generator, kernel_backends, run, tolerances
@@ -273,9 +273,9 @@ def test_validation_names_the_argument():
 def test_record_layout_is_the_one_of_the_extension():
     """The Triton kernels keep the per-fit record in the layout of csrc/umeyama.cpp (issue 15: the
     30-float record was written in three places)."""
-    kernels = _backends.triton_kernels("umeyama")
-    assert kernels.RECORD == _backends.cpp().PART_RECORD_LAYOUT
-    assert kernels.RECORD["size"] == _backends.cpp().PART_RECORD_SIZE
+    kernels = triton_kernels("umeyama")
+    assert kernels.RECORD == extension().PART_RECORD_LAYOUT
+    assert kernels.RECORD["size"] == extension().PART_RECORD_SIZE
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -422,7 +422,7 @@ def test_shapes_spanning_several_blocks(backend, monkeypatch):
     gen, seed = fresh_generator()
     B, K, P, N, M = 17, 37, 2, 45, 21
     if backend == "triton":
-        kernels = _backends.triton_kernels("umeyama")
+        kernels = triton_kernels("umeyama")
         for name, value in dict(PART_BLOCK_PAIRS=4, PART_BWD_BLOCK_POINTS=8, UMEYAMA_BLOCK_N=8).items():
             monkeypatch.setattr(kernels, name, value)
         B, K, P, N, M = 3, 11, 1, 9, 6

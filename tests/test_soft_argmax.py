@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kpfast
-from kpfast.backend import interpreting_triton
+from kpfast.ops.backend import interpreting_triton
 from kpfast.reference import soft_argmax_reference
 
 from _util import (assert_close, calls_from_kpfast, device_for, fresh_generator, interpreter_min_max_nan, kernel_backends,
@@ -551,8 +551,7 @@ def test_bad_input_raises_naming_the_argument(backend, change, error, words, mon
     def no_launch(*args, **kwargs):
         raise AssertionError("a kernel ran before validation")
 
-    monkeypatch.setattr(op_module._backends, "cpp", no_launch)
-    monkeypatch.setattr(op_module._backends, "triton_kernels", no_launch)
+    monkeypatch.setattr(op_module, "kernels", no_launch)
     args = dict(heatmaps=torch.zeros(1, 3, 4, 5), readouts=None, beta=1.0)
     args.update(change)
     with pytest.raises(error, match=words):
