@@ -5,20 +5,19 @@ degenerate inputs, validation and memory kept for backward."""
 from __future__ import annotations
 
 import doctest
-import importlib
 import math
 
 import pytest
 import torch
 
 import kpfast
+from kpfast.ops import soft_argmax_op as op_module
 from kpfast.ops.backend import interpreting_triton
 from kpfast.reference import soft_argmax_reference
 
 from _util import (assert_close, calls_from_kpfast, device_for, fresh_generator, interpreter_min_max_nan, kernel_backends,
                    nan_rule_cases, run, tolerances)
 
-op_module = importlib.import_module("kpfast.ops.soft_argmax")  # the attribute kpfast.ops.soft_argmax is the function
 BACKENDS = kernel_backends()
 LAYOUTS = ["none", "stacked", "list", "chunks", "scattered", "empty"]
 
