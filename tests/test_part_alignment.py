@@ -276,6 +276,11 @@ def test_record_layout_is_the_one_of_the_extension():
     kernels = triton_kernels("umeyama")
     assert kernels.RECORD == extension().PART_RECORD_LAYOUT
     assert kernels.RECORD["size"] == extension().PART_RECORD_SIZE
+    # the fields follow one another with the sizes both kernels read (3x3 A and C, 3-vectors, scalars)
+    sizes = dict(A=9, t=3, inv_W=1, Sd=3, Ss=3, C=9, Qs=1, W=1)
+    offsets = sorted((offset, name) for name, offset in kernels.RECORD.items() if name != "size")
+    ends = [offset + sizes[name] for offset, name in offsets]
+    assert [offset for offset, _ in offsets] == [0] + ends[:-1] and ends[-1] == kernels.RECORD["size"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

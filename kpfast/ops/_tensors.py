@@ -10,10 +10,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Kernels accumulate in float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..reference import compute_dtype
 
 
 def compute(t: Optional[Tensor], dtype: Optional[torch.dtype] = None, *, contiguous: bool = True) -> Optional[Tensor]:
