@@ -66,7 +66,7 @@ def test_tensor_device_looks_into_sequences():
 def test_every_op_launches_under_the_guard_of_its_tensors_device(monkeypatch):
     """Issue 16.1: the Triton launchers ran on the current CUDA device, not the tensors'. Every launch of
     the four ops now goes through device_guard(device of its tensors) (the guard itself, on two GPUs:
-    tests/test_gpu_check.py)."""
+    tests/gpu/test_gpu_ops.py)."""
     seen = []
 
     def recording_guard(device):
