@@ -323,17 +323,13 @@ void forward_py(const py::array& kp, const py::array& edges, const py::object& u
                 py::array winner, int threads) {
   const int64_t B = kp.shape(0);
   int32_t* win = data_of<int32_t>(winner, "winner", {B, H, W});
-  if (py::isinstance<py::array_t<double>>(kp)) {
-    const auto P = problem<double>(kp, edges, unc, w, sigma2, H, W, precision, eps);
-    double* o = data_of<double>(out, "out", {B, H, W});
+  with_float_type(kp, [&](auto zero) {
+    using T = decltype(zero);
+    const auto P = problem<T>(kp, edges, unc, w, sigma2, H, W, precision, eps);
+    T* o = data_of<T>(out, "out", {B, H, W});
     py::gil_scoped_release nogil;
     forward(P, o, win, threads);
-  } else {
-    const auto P = problem<float>(kp, edges, unc, w, sigma2, H, W, precision, eps);
-    float* o = data_of<float>(out, "out", {B, H, W});
-    py::gil_scoped_release nogil;
-    forward(P, o, win, threads);
-  }
+  });
 }
 
 void backward_py(const py::array& grad_out, const py::array& winner, const py::array& kp, const py::array& edges,
@@ -344,19 +340,14 @@ void backward_py(const py::array& grad_out, const py::array& winner, const py::a
   const int64_t E = edges.shape(0);
   std::unique_ptr<double[]> scratch(new double[B * ((H + BAND_H - 1) / BAND_H) * E * NGRAD]);  // zeroed by backward
   double* partial = scratch.get();
-  if (py::isinstance<py::array_t<double>>(kp)) {
-    const auto P = problem<double>(kp, edges, unc, w, sigma2, H, W, precision, eps);
-    const double* g = data_of<double>(grad_out, "grad_out", {B, H, W});
-    double* ge = data_of<double>(grad_edges, "grad_edges", {B, E, NGRAD});
+  with_float_type(kp, [&](auto zero) {
+    using T = decltype(zero);
+    const auto P = problem<T>(kp, edges, unc, w, sigma2, H, W, precision, eps);
+    const T* g = data_of<T>(grad_out, "grad_out", {B, H, W});
+    T* ge = data_of<T>(grad_edges, "grad_edges", {B, E, NGRAD});
     py::gil_scoped_release nogil;
     backward(P, g, win, partial, ge, threads);
-  } else {
-    const auto P = problem<float>(kp, edges, unc, w, sigma2, H, W, precision, eps);
-    const float* g = data_of<float>(grad_out, "grad_out", {B, H, W});
-    float* ge = data_of<float>(grad_edges, "grad_edges", {B, E, NGRAD});
-    py::gil_scoped_release nogil;
-    backward(P, g, win, partial, ge, threads);
-  }
+  });
 }
 
 }  // namespace
