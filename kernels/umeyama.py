@@ -714,11 +714,11 @@ def part_alignment_forward(points, parts, w, scale, full, tol):
     return r.to(points.dtype), rec
 
 
-def part_alignment_backward(grad_r, r, rec, points, parts, w, scale, full):
+def part_alignment_backward(grad_r, r, record, points, parts, w, scale, full):
     """Gradients ``(points [B,K,D], weights [B,K])`` in the compute dtype from ``grad_r``, ``r`` and the
     forward's records (``scale`` is in the records)."""
     x, w, m = compute(points), compute(w), parts.to(torch.uint8).contiguous()
-    g, r, rec = compute(grad_r, x.dtype), compute(r, x.dtype), rec.contiguous()
+    g, r, rec = compute(grad_r, x.dtype), compute(r, x.dtype), record.contiguous()
     B, K, D = x.shape
     P = m.shape[0]
     if P == 0:

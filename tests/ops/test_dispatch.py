@@ -95,3 +95,23 @@ def test_every_op_launches_under_the_guard_of_its_tensors_device(monkeypatch):
         kpfast.umeyama(pts[:1], pts[1:])
         kpfast.part_alignment(pts, torch.ones(1, 4, dtype=torch.bool))
     assert len(seen) >= 4 and set(seen) == {device}
+
+
+@pytest.mark.skipif("triton" not in kernel_backends(), reason="Triton kernels need the interpreter or a GPU")
+def test_both_kernel_families_have_one_interface():
+    """Issue 15: the C++ kernels (kpfast/ops/cpp_kernels.py) and the Triton launchers (kernels/<op>.py)
+    have the same functions with the same positional arguments, so a custom op only picks one."""
+    import inspect
+
+    from kpfast.ops import backend
+
+    cpp = importlib.import_module("kpfast.ops.cpp_kernels")
+
+    def positional(fn):
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        return [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds]
+
+    for op, module in backend.TRITON_MODULES.items():
+        triton_module = backend.triton_kernels(module)
+        for name in (f"{op}_forward", f"{op}_backward"):
+            assert positional(getattr(cpp, name)) == positional(getattr(triton_module, name)), name
