@@ -56,6 +56,17 @@ void parallel_for(int64_t n, int threads, F&& body) {
   for (int64_t i = 0; i < n; ++i) body(i);
 }
 
+// Calls f(T()) with T = double when `a` holds float64 and T = float otherwise: the one place where
+// a binding picks the instantiation of its typed kernel (`using T = decltype(zero);` in f).
+template <typename F>
+void with_float_type(const py::array& a, F&& f) {
+  if (py::isinstance<py::array_t<double>>(a)) {
+    f(double());
+  } else {
+    f(float());
+  }
+}
+
 template <typename T>
 inline T sigmoid(T z) {
   return T(1) / (T(1) + std::exp(-z));

@@ -3,6 +3,7 @@
 // edge). Semantics: kpfast/reference.py::edge_map_reference.
 #include <algorithm>
 #include <limits>
+#include <memory>
 
 #include "common.h"
 
@@ -247,7 +248,7 @@ void accumulate(const Problem<T>& P, const Edge<T>& g, T px, T py, T go, double*
   acc[7] += double(go * ds2);
 }
 
-// `partial` is caller-allocated scratch of B * bands(H) * E * NGRAD doubles.
+// `partial` is scratch of B * bands(H) * E * NGRAD doubles.
 template <typename T>
 void backward(const Problem<T>& P, const T* grad_out, const int32_t* winner, double* partial, T* grad_edges, int threads) {
   const int64_t bands = (P.H + BAND_H - 1) / BAND_H;
@@ -322,39 +323,31 @@ void forward_py(const py::array& kp, const py::array& edges, const py::object& u
                 py::array winner, int threads) {
   const int64_t B = kp.shape(0);
   int32_t* win = data_of<int32_t>(winner, "winner", {B, H, W});
-  if (py::isinstance<py::array_t<double>>(kp)) {
-    const auto P = problem<double>(kp, edges, unc, w, sigma2, H, W, precision, eps);
-    double* o = data_of<double>(out, "out", {B, H, W});
+  with_float_type(kp, [&](auto zero) {
+    using T = decltype(zero);
+    const auto P = problem<T>(kp, edges, unc, w, sigma2, H, W, precision, eps);
+    T* o = data_of<T>(out, "out", {B, H, W});
     py::gil_scoped_release nogil;
     forward(P, o, win, threads);
-  } else {
-    const auto P = problem<float>(kp, edges, unc, w, sigma2, H, W, precision, eps);
-    float* o = data_of<float>(out, "out", {B, H, W});
-    py::gil_scoped_release nogil;
-    forward(P, o, win, threads);
-  }
+  });
 }
 
 void backward_py(const py::array& grad_out, const py::array& winner, const py::array& kp, const py::array& edges,
                  const py::object& unc, const py::object& w, double sigma2, bool precision, double eps,
-                 py::array scratch, py::array grad_edges, int threads) {
+                 py::array grad_edges, int threads) {
   const int64_t B = grad_out.shape(0), H = grad_out.shape(1), W = grad_out.shape(2);
   const int32_t* win = data_of<int32_t>(winner, "winner", {B, H, W});
   const int64_t E = edges.shape(0);
-  double* partial = data_of<double>(scratch, "scratch", {B * ((H + BAND_H - 1) / BAND_H), E, NGRAD});
-  if (py::isinstance<py::array_t<double>>(kp)) {
-    const auto P = problem<double>(kp, edges, unc, w, sigma2, H, W, precision, eps);
-    const double* g = data_of<double>(grad_out, "grad_out", {B, H, W});
-    double* ge = data_of<double>(grad_edges, "grad_edges", {B, E, NGRAD});
+  std::unique_ptr<double[]> scratch(new double[B * ((H + BAND_H - 1) / BAND_H) * E * NGRAD]);  // zeroed by backward
+  double* partial = scratch.get();
+  with_float_type(kp, [&](auto zero) {
+    using T = decltype(zero);
+    const auto P = problem<T>(kp, edges, unc, w, sigma2, H, W, precision, eps);
+    const T* g = data_of<T>(grad_out, "grad_out", {B, H, W});
+    T* ge = data_of<T>(grad_edges, "grad_edges", {B, E, NGRAD});
     py::gil_scoped_release nogil;
     backward(P, g, win, partial, ge, threads);
-  } else {
-    const auto P = problem<float>(kp, edges, unc, w, sigma2, H, W, precision, eps);
-    const float* g = data_of<float>(grad_out, "grad_out", {B, H, W});
-    float* ge = data_of<float>(grad_edges, "grad_edges", {B, E, NGRAD});
-    py::gil_scoped_release nogil;
-    backward(P, g, win, partial, ge, threads);
-  }
+  });
 }
 
 }  // namespace
@@ -362,8 +355,8 @@ void backward_py(const py::array& grad_out, const py::array& winner, const py::a
 void register_edge_map(py::module_& m) {
   m.def("edge_map_forward", &forward_py, "edge_map forward: writes out [B,H,W] and winner [B,H,W] (int32)");
   m.def("edge_map_backward", &backward_py,
-        "edge_map backward: writes per-edge gradients [B,E,8]; scratch is float64 [B*ceil(H/16),E,8]");
-  m.attr("EDGE_MAP_BAND_H") = BAND_H;
+        "edge_map backward: writes per-edge gradients [B,E,EDGE_MAP_NGRAD]");
+  m.attr("EDGE_MAP_NGRAD") = NGRAD;
 }
 
 }  // namespace kpfast

@@ -325,61 +325,43 @@ Problem<T> problem(const py::array& heatmaps, const std::vector<py::array>& read
   return P;
 }
 
-template <typename T>
-void forward_typed(const py::array& heatmaps, const std::vector<py::array>& readouts, double beta, py::array& kp,
-                   py::array& values, py::array& stats, int threads) {
-  const Problem<T> P = problem<T>(heatmaps, readouts, beta);
-  T* k = data_of<T>(kp, "keypoints", {P.B, P.K, 2});
-  T* v = data_of<T>(values, "values", {P.B, P.K, P.C});
-  T* s = data_of<T>(stats, "stats", {P.B, P.K, 2});
-  py::gil_scoped_release nogil;
-  forward(P, k, v, s, threads);
-}
-
 void forward_py(const py::array& heatmaps, const std::vector<py::array>& readouts, double beta, py::array kp,
                 py::array values, py::array stats, int threads) {
-  if (py::isinstance<py::array_t<double>>(heatmaps)) {
-    forward_typed<double>(heatmaps, readouts, beta, kp, values, stats, threads);
-  } else {
-    forward_typed<float>(heatmaps, readouts, beta, kp, values, stats, threads);
-  }
-}
-
-template <typename T>
-void backward_typed(const py::array& grad_kp, const py::array& grad_values, const py::array& heatmaps,
-                    const std::vector<py::array>& readouts, double beta, const py::array& kp,
-                    const py::array& values, const py::array& stats, const py::object& grad_heatmaps,
-                    const std::vector<py::array>& grad_readouts, const py::object& grad_beta, int threads) {
-  const Problem<T> P = problem<T>(heatmaps, readouts, beta);
-  Grads<T> G;
-  G.gkp = data_of<T>(grad_kp, "grad_keypoints", {P.B, P.K, 2});
-  G.gval = data_of<T>(grad_values, "grad_values", {P.B, P.K, P.C});
-  G.kp = data_of<T>(kp, "keypoints", {P.B, P.K, 2});
-  G.values = data_of<T>(values, "values", {P.B, P.K, P.C});
-  G.stats = data_of<T>(stats, "stats", {P.B, P.K, 2});
-  if (!grad_heatmaps.is_none()) {
-    G.gh = planes_of<T>(grad_heatmaps.cast<py::array>(), "grad_heatmaps", P.B, P.K, P.H, P.W);
-  }
-  if (!grad_readouts.empty()) {
-    if (static_cast<int64_t>(grad_readouts.size()) != P.C) throw std::invalid_argument("grad_readouts: one map per readout");
-    G.gr = planes_list<T>(grad_readouts, "grad_readouts", P.B, P.K, P.H, P.W);
-  }
-  G.gbeta = optional_data_of<T>(grad_beta, "grad_beta", {P.B, P.K});
-  py::gil_scoped_release nogil;
-  backward(P, G, threads);
+  with_float_type(heatmaps, [&](auto zero) {
+    using T = decltype(zero);
+    const Problem<T> P = problem<T>(heatmaps, readouts, beta);
+    T* k = data_of<T>(kp, "keypoints", {P.B, P.K, 2});
+    T* v = data_of<T>(values, "values", {P.B, P.K, P.C});
+    T* s = data_of<T>(stats, "stats", {P.B, P.K, 2});
+    py::gil_scoped_release nogil;
+    forward(P, k, v, s, threads);
+  });
 }
 
 void backward_py(const py::array& grad_kp, const py::array& grad_values, const py::array& heatmaps,
                  const std::vector<py::array>& readouts, double beta, const py::array& kp, const py::array& values,
                  const py::array& stats, const py::object& grad_heatmaps, const std::vector<py::array>& grad_readouts,
                  const py::object& grad_beta, int threads) {
-  if (py::isinstance<py::array_t<double>>(heatmaps)) {
-    backward_typed<double>(grad_kp, grad_values, heatmaps, readouts, beta, kp, values, stats, grad_heatmaps,
-                           grad_readouts, grad_beta, threads);
-  } else {
-    backward_typed<float>(grad_kp, grad_values, heatmaps, readouts, beta, kp, values, stats, grad_heatmaps,
-                          grad_readouts, grad_beta, threads);
-  }
+  with_float_type(heatmaps, [&](auto zero) {
+    using T = decltype(zero);
+    const Problem<T> P = problem<T>(heatmaps, readouts, beta);
+    Grads<T> G;
+    G.gkp = data_of<T>(grad_kp, "grad_keypoints", {P.B, P.K, 2});
+    G.gval = data_of<T>(grad_values, "grad_values", {P.B, P.K, P.C});
+    G.kp = data_of<T>(kp, "keypoints", {P.B, P.K, 2});
+    G.values = data_of<T>(values, "values", {P.B, P.K, P.C});
+    G.stats = data_of<T>(stats, "stats", {P.B, P.K, 2});
+    if (!grad_heatmaps.is_none()) {
+      G.gh = planes_of<T>(grad_heatmaps.cast<py::array>(), "grad_heatmaps", P.B, P.K, P.H, P.W);
+    }
+    if (!grad_readouts.empty()) {
+      if (static_cast<int64_t>(grad_readouts.size()) != P.C) throw std::invalid_argument("grad_readouts: one map per readout");
+      G.gr = planes_list<T>(grad_readouts, "grad_readouts", P.B, P.K, P.H, P.W);
+    }
+    G.gbeta = optional_data_of<T>(grad_beta, "grad_beta", {P.B, P.K});
+    py::gil_scoped_release nogil;
+    backward(P, G, threads);
+  });
 }
 
 }  // namespace

@@ -770,49 +770,34 @@ UProblem<T> uproblem(const py::array& src, const py::array& dst, const py::objec
   return P;
 }
 
-template <typename T>
-void umeyama_forward_t(const py::array& src, const py::array& dst, const py::object& w, bool scale, double spread,
-                       double corr, double tie, py::array R, py::array s, py::array t, int threads) {
-  const auto P = uproblem<T>(src, dst, w, scale, spread, corr, tie);
-  T* Rp = data_of<T>(R, "R", {P.N, P.D, P.D});
-  T* sp = data_of<T>(s, "s", {P.N});
-  T* tp = data_of<T>(t, "t", {P.N, P.D});
-  py::gil_scoped_release nogil;
-  umeyama_forward(P, Rp, sp, tp, threads);
-}
-
 void umeyama_forward_py(const py::array& src, const py::array& dst, const py::object& w, bool scale, double spread,
                         double corr, double tie, py::array R, py::array s, py::array t, int threads) {
-  if (py::isinstance<py::array_t<double>>(src)) {
-    umeyama_forward_t<double>(src, dst, w, scale, spread, corr, tie, R, s, t, threads);
-  } else {
-    umeyama_forward_t<float>(src, dst, w, scale, spread, corr, tie, R, s, t, threads);
-  }
-}
-
-template <typename T>
-void umeyama_backward_t(const py::array& gR, const py::array& gs, const py::array& gt, const py::array& src,
-                        const py::array& dst, const py::object& w, bool scale, double spread, double corr, double tie,
-                        py::array g_src, py::array g_dst, py::array g_w, int threads) {
-  const auto P = uproblem<T>(src, dst, w, scale, spread, corr, tie);
-  const T* gRp = data_of<T>(gR, "grad_R", {P.N, P.D, P.D});
-  const T* gsp = data_of<T>(gs, "grad_s", {P.N});
-  const T* gtp = data_of<T>(gt, "grad_t", {P.N, P.D});
-  T* a = data_of<T>(g_src, "grad_src", {P.N, P.M, P.D});
-  T* b = data_of<T>(g_dst, "grad_dst", {P.N, P.M, P.D});
-  T* c = data_of<T>(g_w, "grad_weights", {P.N, P.M});
-  py::gil_scoped_release nogil;
-  umeyama_backward(P, gRp, gsp, gtp, a, b, c, threads);
+  with_float_type(src, [&](auto zero) {
+    using T = decltype(zero);
+    const auto P = uproblem<T>(src, dst, w, scale, spread, corr, tie);
+    T* Rp = data_of<T>(R, "R", {P.N, P.D, P.D});
+    T* sp = data_of<T>(s, "s", {P.N});
+    T* tp = data_of<T>(t, "t", {P.N, P.D});
+    py::gil_scoped_release nogil;
+    umeyama_forward(P, Rp, sp, tp, threads);
+  });
 }
 
 void umeyama_backward_py(const py::array& gR, const py::array& gs, const py::array& gt, const py::array& src,
                          const py::array& dst, const py::object& w, bool scale, double spread, double corr, double tie,
                          py::array g_src, py::array g_dst, py::array g_w, int threads) {
-  if (py::isinstance<py::array_t<double>>(src)) {
-    umeyama_backward_t<double>(gR, gs, gt, src, dst, w, scale, spread, corr, tie, g_src, g_dst, g_w, threads);
-  } else {
-    umeyama_backward_t<float>(gR, gs, gt, src, dst, w, scale, spread, corr, tie, g_src, g_dst, g_w, threads);
-  }
+  with_float_type(src, [&](auto zero) {
+    using T = decltype(zero);
+    const auto P = uproblem<T>(src, dst, w, scale, spread, corr, tie);
+    const T* gRp = data_of<T>(gR, "grad_R", {P.N, P.D, P.D});
+    const T* gsp = data_of<T>(gs, "grad_s", {P.N});
+    const T* gtp = data_of<T>(gt, "grad_t", {P.N, P.D});
+    T* a = data_of<T>(g_src, "grad_src", {P.N, P.M, P.D});
+    T* b = data_of<T>(g_dst, "grad_dst", {P.N, P.M, P.D});
+    T* c = data_of<T>(g_w, "grad_weights", {P.N, P.M});
+    py::gil_scoped_release nogil;
+    umeyama_backward(P, gRp, gsp, gtp, a, b, c, threads);
+  });
 }
 
 template <typename T>
@@ -833,49 +818,34 @@ PProblem<T> pproblem(const py::array& x, const py::array& parts, const py::objec
   return P;
 }
 
-template <typename T>
-void part_forward_t(const py::array& x, const py::array& parts, const py::object& w, bool scale, bool full,
-                    double spread, double corr, double tie, py::array r, py::array rec, int threads) {
-  auto P = pproblem<T>(x, parts, w, scale, full, spread, corr, tie);
-  T* rp = data_of<T>(r, "r", {P.B, P.B, P.P});
-  T* recp = data_of<T>(rec, "record", {P.B, P.B, P.P, NREC});
-  py::gil_scoped_release nogil;
-  P.prepare(threads);
-  part_forward(P, rp, recp, threads);
-}
-
 void part_forward_py(const py::array& x, const py::array& parts, const py::object& w, bool scale, bool full,
                      double spread, double corr, double tie, py::array r, py::array rec, int threads) {
-  if (py::isinstance<py::array_t<double>>(x)) {
-    part_forward_t<double>(x, parts, w, scale, full, spread, corr, tie, r, rec, threads);
-  } else {
-    part_forward_t<float>(x, parts, w, scale, full, spread, corr, tie, r, rec, threads);
-  }
-}
-
-template <typename T>
-void part_backward_t(const py::array& grad_r, const py::array& r, const py::array& rec, const py::array& x,
-                     const py::array& parts, const py::object& w, bool scale, bool full, py::array gx, py::array gw,
-                     int threads) {
-  auto P = pproblem<T>(x, parts, w, scale, full, 0, 0, 0);
-  const T* g = data_of<T>(grad_r, "grad_r", {P.B, P.B, P.P});
-  const T* rp = data_of<T>(r, "r", {P.B, P.B, P.P});
-  const T* recp = data_of<T>(rec, "record", {P.B, P.B, P.P, NREC});
-  T* gxp = data_of<T>(gx, "grad_points", {P.B, P.K, P.D});
-  T* gwp = data_of<T>(gw, "grad_weights", {P.B, P.K});
-  py::gil_scoped_release nogil;
-  P.prepare(threads);
-  part_backward(P, g, rp, recp, gxp, gwp, threads);
+  with_float_type(x, [&](auto zero) {
+    using T = decltype(zero);
+    auto P = pproblem<T>(x, parts, w, scale, full, spread, corr, tie);
+    T* rp = data_of<T>(r, "r", {P.B, P.B, P.P});
+    T* recp = data_of<T>(rec, "record", {P.B, P.B, P.P, NREC});
+    py::gil_scoped_release nogil;
+    P.prepare(threads);
+    part_forward(P, rp, recp, threads);
+  });
 }
 
 void part_backward_py(const py::array& grad_r, const py::array& r, const py::array& rec, const py::array& x,
                       const py::array& parts, const py::object& w, bool scale, bool full, py::array gx, py::array gw,
                       int threads) {
-  if (py::isinstance<py::array_t<double>>(x)) {
-    part_backward_t<double>(grad_r, r, rec, x, parts, w, scale, full, gx, gw, threads);
-  } else {
-    part_backward_t<float>(grad_r, r, rec, x, parts, w, scale, full, gx, gw, threads);
-  }
+  with_float_type(x, [&](auto zero) {
+    using T = decltype(zero);
+    auto P = pproblem<T>(x, parts, w, scale, full, 0, 0, 0);
+    const T* g = data_of<T>(grad_r, "grad_r", {P.B, P.B, P.P});
+    const T* rp = data_of<T>(r, "r", {P.B, P.B, P.P});
+    const T* recp = data_of<T>(rec, "record", {P.B, P.B, P.P, NREC});
+    T* gxp = data_of<T>(gx, "grad_points", {P.B, P.K, P.D});
+    T* gwp = data_of<T>(gw, "grad_weights", {P.B, P.K});
+    py::gil_scoped_release nogil;
+    P.prepare(threads);
+    part_backward(P, g, rp, recp, gxp, gwp, threads);
+  });
 }
 
 }  // namespace

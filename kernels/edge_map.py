@@ -21,9 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import f64_bits, from_f64_bits
+from kpfast.ops.backend import extension
+from kpfast.reference import compute_dtype
 
-NGRAD = 8
+from ._common import f64_bits, pixel_steps, scalar_arg, tl_dtype
+
+NGRAD = tl.constexpr(extension().EDGE_MAP_NGRAD)  # per-edge gradient slots, in csrc/edge_map.cpp's order
 FWD_BLOCK = (16, 16)
 FWD_REFRESH = 4  # evaluated edges between two block-wide refreshes of the forward's culling bound
 BWD_BLOCK = (32, 32)
@@ -138,17 +141,30 @@ def _plane_offset(b, H, W):
 
 @triton.jit
 def _partial_offset(b, tile, n_tiles, E):
-    """Element offset of the ``(b, tile)`` block of the ``[B, tiles, E, 8]`` partial sums, in int64."""
-    return (b.to(tl.int64) * n_tiles + tile) * E * 8
+    """Element offset of the ``(b, tile)`` block of the ``[B, tiles, E, NGRAD]`` partial sums, in int64."""
+    return (b.to(tl.int64) * n_tiles + tile) * E * NGRAD
 
 
 @triton.jit
-def _sigma2(s2_ptr, s2_bits, HAS_S2_PTR: tl.constexpr, DT: tl.constexpr):
-    if HAS_S2_PTR:
-        s2 = tl.load(s2_ptr).to(DT)
-    else:
-        s2 = from_f64_bits(s2_bits, DT)
-    return s2
+def _tile_pixels(tile, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, DT: tl.constexpr):
+    """The pixels of a tile: first row and column, rows, columns, in-image mask, pixel steps and
+    the centres ``px [1, BLOCK_W]``, ``py [BLOCK_H, 1]``."""
+    tiles_w = tl.cdiv(W, BLOCK_W)
+    r0 = (tile // tiles_w) * BLOCK_H
+    c0 = (tile % tiles_w) * BLOCK_W
+    rows = r0 + tl.arange(0, BLOCK_H)
+    cols = c0 + tl.arange(0, BLOCK_W)
+    valid = (rows[:, None] < H) & (cols[None, :] < W)
+    step_x, step_y = pixel_steps(H, W, DT)
+    py = (rows.to(DT) * step_y - 1.0)[:, None]
+    px = (cols.to(DT) * step_x - 1.0)[None, :]
+    return r0, c0, rows, cols, valid, step_x, step_y, px, py
+
+
+@triton.jit
+def _tile_sum(sel, g, v):
+    """The sum over the tile of ``g * v`` where ``sel``."""
+    return tl.sum(tl.sum(tl.where(sel, g * v, 0.0), 1), 0)
 
 
 @triton.jit(do_not_specialize=["K", "E", "H", "W", "n_tiles", "w_bstride", "s2_bits"])
@@ -159,21 +175,12 @@ def _edge_map_fwd_kernel(
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, DT: tl.constexpr, REFRESH: tl.constexpr,
 ):
     b, tile = _sample_and_tile(tl.program_id(0), n_tiles)
-    tiles_w = tl.cdiv(W, BLOCK_W)
-    rows = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
-    cols = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-    valid = (rows[:, None] < H) & (cols[None, :] < W)
-    step_y = tl.where(H > 1, 2.0 / tl.maximum(H - 1, 1).to(DT), 0.0).to(DT)
-    step_x = tl.where(W > 1, 2.0 / tl.maximum(W - 1, 1).to(DT), 0.0).to(DT)
-    py = (rows.to(DT) * step_y - 1.0)[:, None]
-    px = (cols.to(DT) * step_x - 1.0)[None, :]
-    r0 = (tile // tiles_w) * BLOCK_H
-    c0 = (tile % tiles_w) * BLOCK_W
+    r0, c0, rows, cols, valid, step_x, step_y, px, py = _tile_pixels(tile, H, W, BLOCK_H, BLOCK_W, DT)
     y0 = r0.to(DT) * step_y - 1.0
     y1 = tl.minimum(r0 + BLOCK_H - 1, H - 1).to(DT) * step_y - 1.0
     x0 = c0.to(DT) * step_x - 1.0
     x1 = tl.minimum(c0 + BLOCK_W - 1, W - 1).to(DT) * step_x - 1.0
-    s2 = _sigma2(s2_ptr, s2_bits, HAS_S2_PTR, DT)
+    s2 = scalar_arg(s2_ptr, s2_bits, HAS_S2_PTR, DT)
 
     best = tl.full([BLOCK_H, BLOCK_W], float("-inf"), DT)
     arg = tl.full([BLOCK_H, BLOCK_W], -1, tl.int32)
@@ -222,15 +229,8 @@ def _edge_map_bwd_kernel(
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, DT: tl.constexpr,
 ):
     b, tile = _sample_and_tile(tl.program_id(0), n_tiles)
-    tiles_w = tl.cdiv(W, BLOCK_W)
-    rows = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
-    cols = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-    valid = (rows[:, None] < H) & (cols[None, :] < W)
-    step_y = tl.where(H > 1, 2.0 / tl.maximum(H - 1, 1).to(DT), 0.0).to(DT)
-    step_x = tl.where(W > 1, 2.0 / tl.maximum(W - 1, 1).to(DT), 0.0).to(DT)
-    py = (rows.to(DT) * step_y - 1.0)[:, None]
-    px = (cols.to(DT) * step_x - 1.0)[None, :]
-    s2 = _sigma2(s2_ptr, s2_bits, HAS_S2_PTR, DT)
+    _r0, _c0, rows, cols, valid, _step_x, _step_y, px, py = _tile_pixels(tile, H, W, BLOCK_H, BLOCK_W, DT)
+    s2 = scalar_arg(s2_ptr, s2_bits, HAS_S2_PTR, DT)
     plane = _plane_offset(b, H, W)
     offs = rows[:, None] * W + cols[None, :]
     go = tl.load(grad_ptr + plane + offs, mask=valid, other=0.0).to(DT)
@@ -282,38 +282,37 @@ def _edge_map_bwd_kernel(
             gvi = d2 * 0.0
             gvj = d2 * 0.0
         g = tl.where(mine, go, 0.0)
-        tl.store(part + e * 8 + 0, tl.sum(tl.sum(tl.where(sel, g * gax, 0.0), 1), 0))
-        tl.store(part + e * 8 + 1, tl.sum(tl.sum(tl.where(sel, g * gay, 0.0), 1), 0))
-        tl.store(part + e * 8 + 2, tl.sum(tl.sum(tl.where(sel, g * gbx, 0.0), 1), 0))
-        tl.store(part + e * 8 + 3, tl.sum(tl.sum(tl.where(sel, g * gby, 0.0), 1), 0))
-        tl.store(part + e * 8 + 4, tl.sum(tl.sum(tl.where(sel, g * gvi, 0.0), 1), 0))
-        tl.store(part + e * 8 + 5, tl.sum(tl.sum(tl.where(sel, g * gvj, 0.0), 1), 0))
-        tl.store(part + e * 8 + 6, tl.sum(tl.sum(tl.where(sel, g * dw, 0.0), 1), 0))
-        tl.store(part + e * 8 + 7, tl.sum(tl.sum(tl.where(sel, g * ds2, 0.0), 1), 0))
+        grads = (gax, gay, gbx, gby, gvi, gvj, dw, ds2)
+        for k in tl.static_range(NGRAD):
+            tl.store(part + e * NGRAD + k, _tile_sum(sel, g, grads[k]))
         e = tl.minimum(tl.min(tl.min(tl.where(winner > e, winner, E), 1), 0), tl.load(bad + e + 1))
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _tiles(H: int, W: int, block) -> int:
     return triton.cdiv(H, block[0]) * triton.cdiv(W, block[1])
 
 
+def _inputs(kp, edges, unc, w, s2):
+    """Contiguous inputs, int32 edges and a one-element ``s2`` (or None)."""
+    contiguous = (None if t is None else t.contiguous() for t in (kp, unc, w))
+    kp, unc, w = contiguous
+    return kp, edges.to(torch.int32).contiguous(), unc, w, None if s2 is None else s2.reshape(1)
+
+
 def edge_map_forward(kp, edges, unc, w, s2, s2_value, H, W, precision, eps):
     """Launch the forward kernel.
 
-    Args: ``kp [B,K,2]``, ``edges [E,2]`` int32, ``unc [B,K]`` or None, ``w [E]``/``[B,E]``
-    or None (all contiguous, any float dtype), ``s2`` a one-element tensor, or None for the
+    Args: ``kp [B,K,2]``, ``edges [E,2]`` integers, ``unc [B,K]`` or None, ``w [E]``/``[B,E]``
+    or None (any float dtypes: converted on load), ``s2`` a 0-dim tensor, or None for the
     Python float ``s2_value`` (passed to the kernel as a value: nothing is copied to the device).
     Returns ``(out [B,H,W] in kp.dtype, winner [B,H,W] int32)``.
     """
+    kp, edges, unc, w, s2 = _inputs(kp, edges, unc, w, s2)
     B, K, _ = kp.shape
     E = edges.shape[0]
     out = torch.empty(B, H, W, dtype=kp.dtype, device=kp.device)
     winner = torch.empty(B, H, W, dtype=torch.int32, device=kp.device)
-    dt = _tl_dtype(kp.dtype)
+    dt = tl_dtype(kp.dtype)
     tol_scale = 1e-12 if kp.dtype == torch.float64 else 1e-5
     n_tiles = _tiles(H, W, FWD_BLOCK)
     _edge_map_fwd_kernel[(B * n_tiles,)](
@@ -341,20 +340,22 @@ def _next_nonfinite(kp, edges, unc, w):
 
 
 def edge_map_backward(grad_out, winner, kp, edges, unc, w, s2, s2_value, precision, eps):
-    """Launch the backward kernel; returns per-edge gradients ``[B, E, 8]`` in the compute dtype."""
+    """Launch the backward kernel; returns per-edge gradients ``[B, E, NGRAD]`` in the compute dtype."""
+    kp, edges, unc, w, s2 = _inputs(kp, edges, unc, w, s2)
+    grad_out, winner = grad_out.contiguous(), winner.contiguous()
     B, K, _ = kp.shape
     E = edges.shape[0]
     H, W = grad_out.shape[1:]
-    acc = torch.float64 if kp.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(kp.dtype)
     block = BWD_BLOCK_F64 if kp.dtype == torch.float64 else BWD_BLOCK
     n_tiles = _tiles(H, W, block)
-    partial = torch.zeros(B, n_tiles, E, NGRAD, dtype=acc, device=kp.device)
+    partial = torch.zeros(B, n_tiles, E, NGRAD.value, dtype=acc, device=kp.device)
     _edge_map_bwd_kernel[(B * n_tiles,)](
         grad_out, winner, kp, edges, unc if unc is not None else kp, w if w is not None else kp,
         s2 if s2 is not None else kp, partial, _next_nonfinite(kp, edges, unc, w),
         K, E, H, W, n_tiles, (E if w is not None and w.dim() == 2 else 0), f64_bits(s2_value), eps,
         HAS_U=unc is not None, HAS_W=w is not None, PRECISION=precision, HAS_S2_PTR=s2 is not None,
-        BLOCK_H=block[0], BLOCK_W=block[1], DT=_tl_dtype(kp.dtype),
+        BLOCK_H=block[0], BLOCK_W=block[1], DT=tl_dtype(kp.dtype),
     )
     return partial.sum(1)
 

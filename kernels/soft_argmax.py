@@ -34,9 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kpfast.ops import _backends
+from kpfast.ops import _tensors
 
-from ._common import f64_bits, from_f64_bits
+from ._common import f64_bits, pixel_steps, scalar_arg, tl_dtype
 
 MAX_CG = 8  # readout channels accumulated by one program
 FAST_DIV_MAX = 1 << 20  # planes up to this many pixels find their row without integer division
@@ -57,26 +57,21 @@ def _coords(offs, W, step_x, step_y, DT: tl.constexpr, FAST_DIV: tl.constexpr):
 
 
 @triton.jit
+def _tile_logits(h_row, t, lanes, HW, beta, BLOCK: tl.constexpr, DT: tl.constexpr):
+    """Tile ``t`` of a heatmap row: offsets, in-plane mask, heatmap values (``-inf`` outside) and
+    logits ``beta * h`` (``-inf`` where ``h = -inf``: a masked pixel whatever beta is)."""
+    offs = t * BLOCK + lanes
+    ok = offs < HW
+    neg_inf = float("-inf")
+    hv = tl.load(h_row + offs, mask=ok, other=neg_inf).to(DT)
+    return offs, ok, hv, tl.where(hv == neg_inf, neg_inf, beta * hv)
+
+
+@triton.jit
 def _channel_offset(c, stride):
     """``c * stride`` in int64: a channel stride can be close to 2^31 (``B*K*H*W`` between the maps
     of a ``[C, B, K, H, W]`` gradient, or between equally spaced readouts)."""
     return tl.cast(c, tl.int64) * stride  # c may be a loop index (a Python int when interpreted)
-
-
-@triton.jit
-def _steps(H, W, DT: tl.constexpr):
-    step_x = tl.where(W > 1, 2.0 / tl.maximum(W - 1, 1).to(DT), 0.0).to(DT)
-    step_y = tl.where(H > 1, 2.0 / tl.maximum(H - 1, 1).to(DT), 0.0).to(DT)
-    return step_x, step_y
-
-
-@triton.jit
-def _beta(beta_ptr, beta_bits, HAS_BETA_PTR: tl.constexpr, DT: tl.constexpr):
-    if HAS_BETA_PTR:
-        beta = tl.load(beta_ptr).to(DT)
-    else:
-        beta = from_f64_bits(beta_bits, DT)
-    return beta
 
 
 @triton.jit(do_not_specialize=["beta_bits"])
@@ -92,8 +87,8 @@ def _soft_argmax_fwd_kernel(
     b = (row // K).to(tl.int64)
     k = (row % K).to(tl.int64)
     HW = H * W
-    beta = _beta(beta_ptr, beta_bits, HAS_BETA_PTR, DT)
-    step_x, step_y = _steps(H, W, DT)
+    beta = scalar_arg(beta_ptr, beta_bits, HAS_BETA_PTR, DT)
+    step_x, step_y = pixel_steps(H, W, DT)
     h_row = h_ptr + b * h_sb + k * h_sk
     lanes = tl.arange(0, BLOCK)
     neg_inf = float("-inf")
@@ -115,10 +110,7 @@ def _soft_argmax_fwd_kernel(
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(HW, BLOCK))
     for t in range(t0, t1):
-        offs = t * BLOCK + lanes
-        ok = offs < HW
-        hv = tl.load(h_row + offs, mask=ok, other=neg_inf).to(DT)
-        z = tl.where(hv == neg_inf, neg_inf, beta * hv)  # a -inf pixel is masked whatever beta is
+        offs, ok, hv, z = _tile_logits(h_row, t, lanes, HW, beta, BLOCK, DT)
         m_new = tl.maximum(m, z)
         mu = tl.where(m_new == neg_inf, 0.0, m_new)  # a lane that saw only masked pixels adds exp(-inf) = 0
         alpha = tl.exp(m - mu)
@@ -206,8 +198,8 @@ def _soft_argmax_bwd_kernel(
     b = row64 // K
     k = row64 % K
     HW = H * W
-    beta = _beta(beta_ptr, beta_bits, HAS_BETA_PTR, DT)
-    step_x, step_y = _steps(H, W, DT)
+    beta = scalar_arg(beta_ptr, beta_bits, HAS_BETA_PTR, DT)
+    step_x, step_y = pixel_steps(H, W, DT)
     neg_inf = float("-inf")
     h_row = h_ptr + b * h_sb + k * h_sk
     r_row = r_ptr + b * r_sb + k * r_sk
@@ -226,10 +218,7 @@ def _soft_argmax_bwd_kernel(
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(HW, BLOCK))
     for t in range(t0, t1):
-        offs = t * BLOCK + lanes
-        ok = offs < HW
-        hv = tl.load(h_row + offs, mask=ok, other=neg_inf).to(DT)
-        z = tl.where(hv == neg_inf, neg_inf, beta * hv)
+        offs, ok, hv, z = _tile_logits(h_row, t, lanes, HW, beta, BLOCK, DT)
         w = tl.exp(z - mx) * inv_l
         if NEED_H or NEED_BETA:
             x, y = _coords(offs, W, step_x, step_y, DT, FAST_DIV)
@@ -257,14 +246,6 @@ def _soft_argmax_bwd_kernel(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Launchers
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @functools.lru_cache(maxsize=None)
@@ -325,7 +306,7 @@ class _Readouts:
             else:
                 # The int64 offsets, copied to the device once per layout (the caching allocator
                 # usually hands a training loop the same addresses every step) and capturable.
-                self.table = _backends.device_constant(tuple(offs), torch.int64, heatmaps.device)
+                self.table = _tensors.device_constant(tuple(offs), torch.int64, heatmaps.device)
 
     @property
     def use_table(self) -> bool:
@@ -345,8 +326,9 @@ def soft_argmax_forward(heatmaps, readouts, stacked, beta, beta_value, *, split=
     readout channels per program (tests). Returns ``(keypoints [B,K,2], values [B,K,C],
     stats [B,K,2])`` in float32 (float64 for float64 input); ``stats`` holds (max logit, normalizer).
     """
+    heatmaps, readouts = _tensors.planes(heatmaps), _tensors.plane_list(readouts, stacked)
     B, K, H, W = heatmaps.shape
-    device, acc = heatmaps.device, _acc_dtype(heatmaps.dtype)
+    device, acc = heatmaps.device, _tensors.compute_dtype(heatmaps.dtype)
     R = _Readouts(heatmaps, readouts, stacked)
     C = R.C
     kp = torch.empty(B, K, 2, dtype=acc, device=device)
@@ -367,13 +349,13 @@ def soft_argmax_forward(heatmaps, readouts, stacked, beta, beta_value, *, split=
         heatmaps, R.base, R.table_or(stats), beta if beta is not None else stats, kp, values, stats, part,
         f64_bits(beta_value), K, H, W, heatmaps.stride(0), heatmaps.stride(1), R.sb, R.sk, R.sc, C, per, nsplit,
         HAS_BETA_PTR=beta is not None, HAS_R=C > 0, USE_TABLE=R.use_table, SPLIT=nsplit > 1,
-        CG=cg, BLOCK=block, DT=_tl_dtype(heatmaps.dtype), FAST_DIV=HW <= FAST_DIV_MAX,
+        CG=cg, BLOCK=block, DT=tl_dtype(heatmaps.dtype), FAST_DIV=HW <= FAST_DIV_MAX,
         num_warps=_warps(block, cg, heatmaps.dtype),
     )
     if nsplit > 1:
         _soft_argmax_combine_kernel[(rows,)](
             part, kp, values, stats, nsplit, C,
-            NS=max(2, triton.next_power_of_2(nsplit)), CB=8, DT=_tl_dtype(heatmaps.dtype), num_warps=1,
+            NS=max(2, triton.next_power_of_2(nsplit)), CB=8, DT=tl_dtype(heatmaps.dtype), num_warps=1,
         )
     return kp, values, stats
 
@@ -386,8 +368,11 @@ def soft_argmax_backward(grad_kp, grad_values, heatmaps, readouts, stacked, beta
     ``grad_readouts`` is ``[B,K,C,H,W]`` when ``stacked`` and ``[C,B,K,H,W]`` otherwise, in the
     heatmaps' dtype; ``grad_beta`` holds per-row sums in the accumulation dtype.
     """
+    heatmaps, readouts = _tensors.planes(heatmaps), _tensors.plane_list(readouts, stacked)
+    grad_kp, grad_values = grad_kp.contiguous(), grad_values.contiguous()
+    kp, values, stats = kp.contiguous(), values.contiguous(), stats.contiguous()
     B, K, H, W = heatmaps.shape
-    device, dtype, acc = heatmaps.device, heatmaps.dtype, _acc_dtype(heatmaps.dtype)
+    device, dtype, acc = heatmaps.device, heatmaps.dtype, _tensors.compute_dtype(heatmaps.dtype)
     R = _Readouts(heatmaps, readouts, stacked)
     C = R.C
     need_readouts = need_readouts and C > 0
@@ -411,7 +396,7 @@ def soft_argmax_backward(grad_kp, grad_values, heatmaps, readouts, stacked, beta
             f64_bits(beta_value), K, H, W, heatmaps.stride(0), heatmaps.stride(1), R.sb, R.sk, R.sc, C, g_sc, g_sb, g_sk,
             per, nsplit, HAS_BETA_PTR=beta is not None, USE_TABLE=R.use_table,
             NEED_H=need_heatmaps, NEED_R=need_readouts, NEED_BETA=need_beta,
-            BLOCK=block, DT=_tl_dtype(dtype), FAST_DIV=HW <= FAST_DIV_MAX, num_warps=_warps(block),
+            BLOCK=block, DT=tl_dtype(dtype), FAST_DIV=HW <= FAST_DIV_MAX, num_warps=_warps(block),
         )
     if need_beta:
         gb = gb.sum(1).reshape(B, K)

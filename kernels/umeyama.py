@@ -37,11 +37,16 @@ import torch
 import triton
 import triton.language as tl
 
-# The per-fit record part_alignment's forward keeps for its backward (the same layout as
-# csrc/umeyama.cpp, checked against kpfast._C.PART_RECORD_LAYOUT by the tests): A = s R
-# (9, row-major) and t of the fit in its frame, 1/W, and for the full gradient the adjoints
-# of the moments sum c d, sum c s, sum c d s^T, sum c |s|^2 and W for a unit upstream gradient.
-RECORD = dict(A=0, t=9, inv_W=12, Sd=13, Ss=16, C=19, Qs=28, W=29, size=30)
+from kpfast.ops._tensors import compute
+from kpfast.ops.backend import extension
+
+from ._common import tl_dtype
+
+# The per-fit record part_alignment's forward keeps for its backward, defined in csrc/umeyama.cpp
+# (kpfast._C.PART_RECORD_LAYOUT): A = s R (9, row-major) and t of the fit in its frame, 1/W, and
+# for the full gradient the adjoints of the moments sum c d, sum c s, sum c d s^T, sum c |s|^2
+# and W for a unit upstream gradient.
+RECORD = dict(extension().PART_RECORD_LAYOUT)
 REC_A = tl.constexpr(RECORD["A"])
 REC_T = tl.constexpr(RECORD["t"])
 REC_INVW = tl.constexpr(RECORD["inv_W"])
@@ -633,29 +638,29 @@ def _part_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def umeyama_forward(src, dst, w, scale, tol):
-    """``src, dst [N, M, D]``, ``w [N, M]`` or None (contiguous, float32/float64); tol = (spread, corr, tie).
+    """``src, dst [N, M, D]``, ``w [N, M]`` or None; tol = (spread, corr, tie).
     Returns ``R [N, D, D]``, ``s [N]``, ``t [N, D]`` in the dtype of ``src``."""
+    dtype = src.dtype
+    src, dst, w = compute(src), compute(dst), compute(w)
     N, M, D = src.shape
     R = torch.empty(N, D, D, dtype=src.dtype, device=src.device)
     s = torch.empty(N, dtype=src.dtype, device=src.device)
     t = torch.empty(N, D, dtype=src.dtype, device=src.device)
     if N == 0:
-        return R, s, t
+        return R.to(dtype), s.to(dtype), t.to(dtype)
     _umeyama_fwd_kernel[(triton.cdiv(N, UMEYAMA_BLOCK_N),)](
         src, dst, w if w is not None else src, R, s, t, N, M, *tol,
-        D=D, HAS_W=w is not None, SCALE=scale, NSWEEPS=NSWEEP, BLOCK_N=UMEYAMA_BLOCK_N, DT=_tl_dtype(src.dtype),
+        D=D, HAS_W=w is not None, SCALE=scale, NSWEEPS=NSWEEP, BLOCK_N=UMEYAMA_BLOCK_N, DT=tl_dtype(src.dtype),
         num_warps=NUM_WARPS,
     )
-    return R, s, t
+    return R.to(dtype), s.to(dtype), t.to(dtype)
 
 
 def umeyama_backward(gR, gs, gt, src, dst, w, scale, tol):
-    """Gradients ``(src [N,M,D], dst [N,M,D], weights [N,M])`` in the dtype of ``src``."""
+    """Gradients ``(src [N,M,D], dst [N,M,D], weights [N,M])`` in the compute dtype."""
+    src, dst, w = compute(src), compute(dst), compute(w)
+    gR, gs, gt = (compute(g, src.dtype) for g in (gR, gs, gt))
     N, M, D = src.shape
     g_src = torch.empty_like(src)
     g_dst = torch.empty_like(src)
@@ -664,7 +669,7 @@ def umeyama_backward(gR, gs, gt, src, dst, w, scale, tol):
         return g_src.zero_(), g_dst.zero_(), g_w.zero_()
     _umeyama_bwd_kernel[(triton.cdiv(N, UMEYAMA_BLOCK_N),)](
         gR, gs, gt, src, dst, w if w is not None else src, g_src, g_dst, g_w, N, M, *tol,
-        D=D, HAS_W=w is not None, SCALE=scale, NSWEEPS=NSWEEP, BLOCK_N=UMEYAMA_BLOCK_N, DT=_tl_dtype(src.dtype),
+        D=D, HAS_W=w is not None, SCALE=scale, NSWEEPS=NSWEEP, BLOCK_N=UMEYAMA_BLOCK_N, DT=tl_dtype(src.dtype),
         num_warps=NUM_WARPS,
     )
     return g_src, g_dst, g_w
@@ -691,24 +696,29 @@ def part_frames(x, m, w):
     return torch.cat([o, k.expand(B, -1).unsqueeze(-1)], -1).contiguous()
 
 
-def part_alignment_forward(x, m, w, scale, full, tol):
-    """``x [B,K,D]``, ``m [P,K]`` uint8, ``w [B,K]`` or None. Returns ``r [B,B,P]`` and the records ``[B,B,P,NREC]``."""
+def part_alignment_forward(points, parts, w, scale, full, tol):
+    """``points [B,K,D]``, ``parts [P,K]`` bool, ``w [B,K]`` or None. Returns ``r [B,B,P]`` in the
+    dtype of ``points`` and the records ``[B,B,P,NREC]``."""
+    x, w, m = compute(points), compute(w), parts.to(torch.uint8).contiguous()
     B, K, D = x.shape
     P = m.shape[0]
     r = torch.empty(B, B, P, dtype=x.dtype, device=x.device)
     rec = torch.empty(B, B, P, RECORD["size"], dtype=x.dtype, device=x.device)
     if P == 0:
-        return r, rec
+        return r.to(points.dtype), rec
     _part_fwd_kernel[(triton.cdiv(B * B, PART_BLOCK_PAIRS), P)](
         x, m, w if w is not None else x, part_frames(x, m, w), r, rec, B, K, P, *tol,
         D=D, HAS_W=w is not None, SCALE=scale, FULL=full, NSWEEPS=NSWEEP, BLOCK_PAIRS=PART_BLOCK_PAIRS,
-        DT=_tl_dtype(x.dtype), num_warps=NUM_WARPS,
+        DT=tl_dtype(x.dtype), num_warps=NUM_WARPS,
     )
-    return r, rec
+    return r.to(points.dtype), rec
 
 
-def part_alignment_backward(g, r, rec, x, m, w, full):
-    """Gradients ``(points [B,K,D], weights [B,K])`` from ``grad_r``, ``r`` and the forward's records."""
+def part_alignment_backward(grad_r, r, record, points, parts, w, scale, full):
+    """Gradients ``(points [B,K,D], weights [B,K])`` in the compute dtype from ``grad_r``, ``r`` and the
+    forward's records (``scale`` is in the records)."""
+    x, w, m = compute(points), compute(w), parts.to(torch.uint8).contiguous()
+    g, r, rec = compute(grad_r, x.dtype), compute(r, x.dtype), record.contiguous()
     B, K, D = x.shape
     P = m.shape[0]
     if P == 0:
@@ -717,7 +727,7 @@ def part_alignment_backward(g, r, rec, x, m, w, full):
     gw = torch.empty(P, B, K, dtype=x.dtype, device=x.device)
     _part_bwd_kernel[(triton.cdiv(B * K, PART_BWD_BLOCK_POINTS), P)](
         g, r, rec, x, m, w if w is not None else x, part_frames(x, m, w), gx, gw, B, K, P,
-        D=D, HAS_W=w is not None, FULL=full, BLOCK_POINTS=PART_BWD_BLOCK_POINTS, DT=_tl_dtype(x.dtype),
+        D=D, HAS_W=w is not None, FULL=full, BLOCK_POINTS=PART_BWD_BLOCK_POINTS, DT=tl_dtype(x.dtype),
         num_warps=NUM_WARPS,
     )
     return gx.sum(0), gw.sum(0)

@@ -14,7 +14,7 @@ only; ``kpfast.load`` and the subpackages (``kpfast.data``, ``kpfast.models``,
 import importlib as _importlib
 
 from . import reference
-from .backend import get_backend, set_backend, use_backend
+from .ops.backend import get_backend, set_backend, use_backend
 from .ops import edge_map, part_alignment, soft_argmax, umeyama
 
 __version__ = "0.1.0"

@@ -30,15 +30,30 @@ def pixel_centers(n: int, dtype: torch.dtype = torch.float32, device=None) -> to
     return torch.arange(n, dtype=dtype, device=device) * step - 1.0
 
 
+def pixel_grid(H: int, W: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The ``(x, y)`` pixel centres of an ``H x W`` image, row by row: ``[H * W, 2]``.
+
+    Example:
+        >>> pixel_grid(2, 3)
+        tensor([[-1., -1.],
+                [ 0., -1.],
+                [ 1., -1.],
+                [-1.,  1.],
+                [ 0.,  1.],
+                [ 1.,  1.]])
+    """
+    ys, xs = pixel_centers(H, dtype, device), pixel_centers(W, dtype, device)
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(H * W, 2)
+
+
 def _as_edges(edges, device) -> torch.Tensor:
     e = torch.as_tensor(edges, dtype=torch.int64, device=device)
     return e.reshape(-1, 2)
 
 
-def _upcast(t: torch.Tensor | None) -> torch.Tensor | None:
-    if t is None or t.dtype in (torch.float32, torch.float64):
-        return t
-    return t.float()
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every op computes in: float64 for float64 inputs, else float32 (also in the kernels)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def edge_map_reference(
@@ -83,7 +98,7 @@ def edge_map_reference(
     """
     H, W = (size, size) if isinstance(size, int) else tuple(size)
     out_dtype = keypoints.dtype
-    kp = _upcast(keypoints)
+    kp = keypoints.to(compute_dtype(keypoints.dtype))
     dtype, device = kp.dtype, kp.device
     B = kp.shape[0]
     e = _as_edges(edges, device)
@@ -93,8 +108,7 @@ def edge_map_reference(
         return (torch.zeros(B, H, W, dtype=dtype, device=device) + zero).to(out_dtype)
     s2 = sigma2.to(dtype) if isinstance(sigma2, torch.Tensor) else torch.tensor(float(sigma2), dtype=dtype, device=device)
 
-    ys, xs = pixel_centers(H, dtype, device), pixel_centers(W, dtype, device)
-    p = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(1, 1, H * W, 2)
+    p = pixel_grid(H, W, dtype, device).reshape(1, 1, H * W, 2)
     a = kp[:, e[:, 0]].unsqueeze(2)  # [B, E, 1, 2]
     b = kp[:, e[:, 1]].unsqueeze(2)
     ab = b - a
@@ -140,7 +154,7 @@ def _readout_stack(readouts, B: int, K: int, H: int, W: int, dtype, device) -> t
         r = torch.zeros(B, K, 0, H, W, dtype=dtype, device=device)
     else:
         r = torch.stack(list(readouts), dim=2)
-    return _upcast(r).to(dtype).reshape(B, K, r.shape[2], H * W)
+    return r.to(dtype).reshape(B, K, r.shape[2], H * W)
 
 
 def soft_argmax_reference(heatmaps: torch.Tensor, readouts=None, *, beta=1.0):
@@ -172,7 +186,7 @@ def soft_argmax_reference(heatmaps: torch.Tensor, readouts=None, *, beta=1.0):
         (tensor([[[-0.5000,  1.0000]]]), tensor([[[11.]]]))
     """
     out_dtype = heatmaps.dtype
-    h = _upcast(heatmaps)
+    h = heatmaps.to(compute_dtype(heatmaps.dtype))
     dtype, device = h.dtype, h.device
     B, K, H, W = h.shape
     b = beta.to(dtype) if isinstance(beta, torch.Tensor) else float(beta)
@@ -180,9 +194,7 @@ def soft_argmax_reference(heatmaps: torch.Tensor, readouts=None, *, beta=1.0):
     # The where on both sides keeps beta's gradient finite at masked pixels (0 * -inf would be NaN).
     z = torch.where(masked, float("-inf"), b * torch.where(masked, 0.0, h))
     w = torch.softmax(z.reshape(B, K, H * W), dim=-1)
-    ys, xs = pixel_centers(H, dtype, device), pixel_centers(W, dtype, device)
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(H * W, 2)
-    keypoints = w @ grid
+    keypoints = w @ pixel_grid(H, W, dtype, device)
     r = _readout_stack(readouts, B, K, H, W, dtype, device)
     values = None if r is None else torch.einsum("bkcp,bkp->bkc", r, w).to(out_dtype)
     return keypoints.to(out_dtype), values
@@ -211,7 +223,7 @@ and ``lam`` the optimal value ``max_R tr(R^T Sigma)``:
 
 def umeyama_tolerances(dtype: torch.dtype) -> dict:
     """The :data:`UMEYAMA_TOL` entry for inputs of ``dtype``."""
-    return UMEYAMA_TOL[torch.float64 if dtype == torch.float64 else torch.float32]
+    return UMEYAMA_TOL[compute_dtype(dtype)]
 
 
 def _vee(a: torch.Tensor) -> torch.Tensor:

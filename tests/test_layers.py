@@ -69,15 +69,10 @@ def test_import_kpfast_loads_only_the_ops():
     assert callable(kpfast.load) and callable(kpfast.train.run), "both are there on first use"
 
 
-OPS_SIDE = ("kpfast.ops", "kpfast.kernels")
-"""Packages the ops restructure owns (kpfast.ops.edge_map, soft_argmax and umeyama are functions
-named after their own modules there); every other package is checked."""
-
-
 def _all_modules() -> list[str]:
     names = ["kpfast"]
     for info in pkgutil.walk_packages([str(PACKAGE)], prefix="kpfast."):
-        if not info.name.startswith(OPS_SIDE) and not info.name.endswith("__main__"):
+        if not info.name.endswith("__main__"):
             names.append(info.name)
     return names
 

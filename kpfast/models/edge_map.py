@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import edge_map
-from ..ops.edge_map import edge_tensor
+from ..ops.edge_map_op import edge_tensor
 
 
 class EdgeMap(nn.Module):

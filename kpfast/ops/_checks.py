@@ -43,11 +43,6 @@ def dim_size(name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> 
         raise ValueError(f"{name} must have {what} = {expected} in dimension {dim}, got {describe(t)}")
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Kernels accumulate in float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 PLANE_MAX = 2**31
 """Kernels index inside one ``H x W`` plane with int32 (offsets across planes are int64)."""
 

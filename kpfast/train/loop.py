@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import backend
+from ..ops import backend
 from ..checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, CheckpointError, load_checkpoint
 from ..config import TrainConfig, run_differences
 from ..methods import method, resolve

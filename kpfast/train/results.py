@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .. import backend
+from ..ops import backend
 from ..checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, MODEL_NAME, save_checkpoint_file
 from ..evaluate import COLLAPSE_SPREAD, evaluate, shape_baselines
 from .hooks import Hook

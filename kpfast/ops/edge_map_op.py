@@ -10,12 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backend as _backend
 from ..reference import EDGE_EPS, EDGE_MODES, edge_map_reference
-from . import _backends, _checks
-
-n = _backends.as_numpy
-NGRAD = 8  # per-edge gradient slots: a_x, a_y, b_x, b_y, v_i, v_j, w, sigma2
+from . import _checks, _tensors
+from .backend import extension, get_backend, kernels
 
 
 def _check_values(edges: Optional[Tensor], K: int, sigma2: Optional[Tensor]) -> None:
@@ -24,7 +21,7 @@ def _check_values(edges: Optional[Tensor], K: int, sigma2: Optional[Tensor]) -> 
     whatever is checked (more only to word an error), and none while a CUDA graph is captured,
     where a sync is not allowed."""
     tensors = [t for t in (edges, sigma2) if t is not None]
-    if not tensors or _backends.capturing(tensors[0].device):
+    if not tensors or _tensors.capturing(tensors[0].device):
         return
     bad = []
     if edges is not None:
@@ -53,16 +50,6 @@ def _(edges, K, sigma2, check_edges):
     return torch.empty_like(edges)
 
 
-def _compute(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    """Contiguous in ``dtype``, the compute dtype of the keypoints (the C++ kernels take one of
-    float32/float64 for all inputs; the Triton kernels convert on load)."""
-    return None if t is None else t.contiguous().to(dtype)
-
-
-def _sigma2_float(sigma2: Optional[Tensor], sigma2_value: float) -> float:
-    return float(sigma2) if sigma2 is not None else sigma2_value
-
-
 @torch.library.custom_op("kpfast::edge_map", mutates_args=(), device_types=("cpu", "cuda"))
 def _edge_map_op(
     keypoints: Tensor,
@@ -77,26 +64,12 @@ def _edge_map_op(
     backend: str,
     check_edges: bool,
 ) -> tuple[Tensor, Tensor]:
-    """``sigma2``: a one-element tensor, or None for the float ``sigma2_value`` (checked by the
+    """``sigma2``: a 0-dim tensor, or None for the float ``sigma2_value`` (checked by the
     caller). ``check_edges=False``: the caller checked the edge indices on the host."""
     _check_values(edges if check_edges else None, keypoints.shape[1], sigma2)
-    family = _backend.resolve(backend, keypoints.device, "edge_map")
-    edges32 = edges.to(torch.int32).contiguous()
-    if family == "triton":
-        k = _backends.triton_kernels("edge_map")
-        unc = None if uncertainty is None else uncertainty.contiguous()
-        w = None if edge_weight is None else edge_weight.contiguous()
-        s2 = None if sigma2 is None else sigma2.reshape(1)
-        return k.edge_map_forward(keypoints.contiguous(), edges32, unc, w, s2, sigma2_value, height, width, precision, EDGE_EPS)
-    kp = _compute(keypoints, _checks.compute_dtype(keypoints.dtype))
-    B = kp.shape[0]
-    out = torch.empty(B, height, width, dtype=kp.dtype)
-    winner = torch.empty(B, height, width, dtype=torch.int32)
-    _backends.cpp().edge_map_forward(
-        n(kp), n(edges32), n(_compute(uncertainty, kp.dtype)), n(_compute(edge_weight, kp.dtype)),
-        _sigma2_float(sigma2, sigma2_value), height, width, precision, EDGE_EPS, n(out), n(winner), _backends.threads(),
+    return kernels(backend, keypoints.device, "edge_map").edge_map_forward(
+        keypoints, edges, uncertainty, edge_weight, sigma2, sigma2_value, height, width, precision, EDGE_EPS
     )
-    return out.to(keypoints.dtype), winner
 
 
 @_edge_map_op.register_fake
@@ -119,34 +92,15 @@ def _edge_map_backward_op(
     precision: bool,
     backend: str,
 ) -> Tensor:
-    family = _backend.resolve(backend, keypoints.device, "edge_map")
-    edges32 = edges.to(torch.int32).contiguous()
-    if family == "triton":
-        k = _backends.triton_kernels("edge_map")
-        unc = None if uncertainty is None else uncertainty.contiguous()
-        w = None if edge_weight is None else edge_weight.contiguous()
-        s2 = None if sigma2 is None else sigma2.reshape(1)
-        return k.edge_map_backward(
-            grad_out.contiguous(), winner.contiguous(), keypoints.contiguous(), edges32, unc, w, s2, sigma2_value,
-            precision, EDGE_EPS,
-        )
-    kp = _compute(keypoints, _checks.compute_dtype(keypoints.dtype))
-    g = grad_out.contiguous().to(kp.dtype)
-    B, E, H = kp.shape[0], edges.shape[0], grad_out.shape[1]
-    ext = _backends.cpp()
-    bands = -(-H // ext.EDGE_MAP_BAND_H)
-    scratch = torch.empty(B * bands, E, NGRAD, dtype=torch.float64)
-    grad_edges = torch.empty(B, E, NGRAD, dtype=kp.dtype)
-    ext.edge_map_backward(
-        n(g), n(winner.contiguous()), n(kp), n(edges32), n(_compute(uncertainty, kp.dtype)), n(_compute(edge_weight, kp.dtype)),
-        _sigma2_float(sigma2, sigma2_value), precision, EDGE_EPS, n(scratch), n(grad_edges), _backends.threads(),
+    return kernels(backend, keypoints.device, "edge_map").edge_map_backward(
+        grad_out, winner, keypoints, edges, uncertainty, edge_weight, sigma2, sigma2_value, precision, EDGE_EPS
     )
-    return grad_edges
 
 
 @_edge_map_backward_op.register_fake
 def _(grad_out, winner, keypoints, edges, uncertainty, edge_weight, sigma2, sigma2_value, precision, backend):
-    return keypoints.new_empty(keypoints.shape[0], edges.shape[0], NGRAD, dtype=_checks.compute_dtype(keypoints.dtype))
+    ngrad = extension().EDGE_MAP_NGRAD
+    return keypoints.new_empty(keypoints.shape[0], edges.shape[0], ngrad, dtype=_tensors.compute_dtype(keypoints.dtype))
 
 
 def _setup_context(ctx, inputs, output):
@@ -172,7 +126,7 @@ def _edge_sum(per_edge: Tensor, incidence: Tensor) -> Tensor:
 
 def _backward(ctx, grad_out, _grad_winner):
     keypoints, edges, uncertainty, edge_weight, sigma2, winner = ctx.saved_tensors
-    ge = _edge_map_backward_op(
+    ge = _edge_map_backward_op(  # per edge: d/d(a_x, a_y, b_x, b_y, v_i, v_j, w, sigma2)
         grad_out, winner, keypoints, edges, uncertainty, edge_weight, sigma2, ctx.sigma2_value, ctx.precision, ctx.backend
     )
     K = keypoints.shape[1]
@@ -330,7 +284,7 @@ def edge_map(
         if flat and not 0 <= min(flat) <= max(flat) < K:
             bad = next(i for i in flat if not 0 <= i < K)
             raise ValueError(f"edges: index {bad} is outside [0, K) with K = {K}")
-        e = _backends.device_constant(flat, torch.int64, device).reshape(-1, 2)  # copied once per list
+        e = _tensors.device_constant(flat, torch.int64, device).reshape(-1, 2)  # copied once per list
     E = e.shape[0]
     if uncertainty is not None:
         _checks.tensor("uncertainty", uncertainty, ndim=2)
@@ -355,7 +309,7 @@ def edge_map(
         raise ValueError(f"mode must be one of {EDGE_MODES}, got {mode!r}")
     _checks.same_device(keypoints=keypoints, uncertainty=uncertainty, edge_weight=edge_weight, sigma2=s2)
 
-    chosen = _backend.get_backend()
+    chosen = get_backend()
     if chosen == "reference":
         if flat is None or s2 is not None:
             e = _checked_edges(e, K, s2, flat is None)

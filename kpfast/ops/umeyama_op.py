@@ -10,25 +10,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backend as _backend
 from ..reference import part_alignment_reference, umeyama_reference, umeyama_tolerances
-from . import _backends, _checks
-
-n = _backends.as_numpy
-
-
-def _record_size() -> int:
-    """Floats part_alignment keeps per fit for backward (the layout of csrc/umeyama.cpp, which
-    kernels/umeyama.py shares)."""
-    return _backends.cpp().PART_RECORD_SIZE
-
-
-def _compute(t: Optional[Tensor]) -> Optional[Tensor]:
-    """Contiguous, and float32 for the half types (the kernels take float32/float64)."""
-    if t is None:
-        return None
-    t = t.contiguous()
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+from . import _checks, _tensors
+from .backend import extension, get_backend, kernels
 
 
 def _check_weights_cpu(weights: Optional[Tensor]) -> None:
@@ -51,17 +35,7 @@ def _umeyama_op(
     src: Tensor, dst: Tensor, weights: Optional[Tensor], scale: bool, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_weights_cpu(weights)
-    family = _backend.resolve(backend, src.device, "umeyama")
-    x, y, w = _compute(src), _compute(dst), _compute(weights)
-    N, _, D = x.shape
-    if family == "triton":
-        R, s, t = _backends.triton_kernels("umeyama").umeyama_forward(x, y, w, scale, _tol(src.dtype))
-    else:
-        R = torch.empty(N, D, D, dtype=x.dtype)
-        s = torch.empty(N, dtype=x.dtype)
-        t = torch.empty(N, D, dtype=x.dtype)
-        _backends.cpp().umeyama_forward(n(x), n(y), n(w), scale, *_tol(src.dtype), n(R), n(s), n(t), _backends.threads())
-    return R.to(src.dtype), s.to(src.dtype), t.to(src.dtype)
+    return kernels(backend, src.device, "umeyama").umeyama_forward(src, dst, weights, scale, _tol(src.dtype))
 
 
 @_umeyama_op.register_fake
@@ -75,24 +49,15 @@ def _umeyama_backward_op(
     grad_R: Tensor, grad_s: Tensor, grad_t: Tensor, src: Tensor, dst: Tensor, weights: Optional[Tensor],
     scale: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    family = _backend.resolve(backend, src.device, "umeyama")
-    x, y, w = _compute(src), _compute(dst), _compute(weights)
-    gR, gs, gt = (g.contiguous().to(x.dtype) for g in (grad_R, grad_s, grad_t))
-    if family == "triton":
-        return _backends.triton_kernels("umeyama").umeyama_backward(gR, gs, gt, x, y, w, scale, _tol(src.dtype))
-    N, M, D = x.shape
-    g_src, g_dst = torch.empty(N, M, D, dtype=x.dtype), torch.empty(N, M, D, dtype=x.dtype)
-    g_w = torch.empty(N, M, dtype=x.dtype)
-    _backends.cpp().umeyama_backward(
-        n(gR), n(gs), n(gt), n(x), n(y), n(w), scale, *_tol(src.dtype), n(g_src), n(g_dst), n(g_w), _backends.threads()
+    return kernels(backend, src.device, "umeyama").umeyama_backward(
+        grad_R, grad_s, grad_t, src, dst, weights, scale, _tol(src.dtype)
     )
-    return g_src, g_dst, g_w
 
 
 @_umeyama_backward_op.register_fake
 def _(grad_R, grad_s, grad_t, src, dst, weights, scale, backend):
     N, M, D = src.shape
-    dt = _checks.compute_dtype(src.dtype)
+    dt = _tensors.compute_dtype(src.dtype)
     return src.new_empty(N, M, D, dtype=dt), src.new_empty(N, M, D, dtype=dt), src.new_empty(N, M, dtype=dt)
 
 
@@ -219,7 +184,7 @@ def umeyama(src: Tensor, dst: Tensor, weights: Optional[Tensor] = None, *, scale
     x = src.expand(*batch, M, D).reshape(N, M, D)
     y = dst.to(src.dtype).expand(*batch, M, D).reshape(N, M, D)
     w = None if weights is None else weights.to(src.dtype).expand(*batch, M).reshape(N, M)
-    chosen = _backend.get_backend()
+    chosen = get_backend()
     if chosen == "reference":
         _check_weights_cpu(w)
         R, s, t = umeyama_reference(x, y, w, scale=scale)
@@ -236,25 +201,16 @@ def _part_alignment_op(
     points: Tensor, parts: Tensor, weights: Optional[Tensor], scale: bool, full: bool, backend: str
 ) -> tuple[Tensor, Tensor]:
     _check_weights_cpu(weights)
-    family = _backend.resolve(backend, points.device, "part_alignment")
-    x, w = _compute(points), _compute(weights)
-    m = parts.to(torch.uint8).contiguous()
-    B, P = x.shape[0], m.shape[0]
-    if family == "triton":
-        r, rec = _backends.triton_kernels("umeyama").part_alignment_forward(x, m, w, scale, full, _tol(points.dtype))
-    else:
-        r = torch.empty(B, B, P, dtype=x.dtype)
-        rec = torch.empty(B, B, P, _record_size(), dtype=x.dtype)
-        _backends.cpp().part_alignment_forward(
-            n(x), n(m), n(w), scale, full, *_tol(points.dtype), n(r), n(rec), _backends.threads()
-        )
-    return r.to(points.dtype), rec
+    return kernels(backend, points.device, "part_alignment").part_alignment_forward(
+        points, parts, weights, scale, full, _tol(points.dtype)
+    )
 
 
 @_part_alignment_op.register_fake
 def _(points, parts, weights, scale, full, backend):
     B, P = points.shape[0], parts.shape[0]
-    return points.new_empty(B, B, P), points.new_empty(B, B, P, _record_size(), dtype=_checks.compute_dtype(points.dtype))
+    record = points.new_empty(B, B, P, extension().PART_RECORD_SIZE, dtype=_tensors.compute_dtype(points.dtype))
+    return points.new_empty(B, B, P), record
 
 
 @torch.library.custom_op("kpfast::part_alignment_backward", mutates_args=(), device_types=("cpu", "cuda"))
@@ -262,26 +218,15 @@ def _part_alignment_backward_op(
     grad_r: Tensor, r: Tensor, record: Tensor, points: Tensor, parts: Tensor, weights: Optional[Tensor],
     scale: bool, full: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    family = _backend.resolve(backend, points.device, "part_alignment")
-    x, w = _compute(points), _compute(weights)
-    m = parts.to(torch.uint8).contiguous()
-    g = grad_r.contiguous().to(x.dtype)
-    rr = r.contiguous().to(x.dtype)
-    if family == "triton":
-        return _backends.triton_kernels("umeyama").part_alignment_backward(g, rr, record.contiguous(), x, m, w, full)
-    B, K, D = x.shape
-    gx = torch.empty(B, K, D, dtype=x.dtype)
-    gw = torch.empty(B, K, dtype=x.dtype)
-    _backends.cpp().part_alignment_backward(
-        n(g), n(rr), n(record.contiguous()), n(x), n(m), n(w), scale, full, n(gx), n(gw), _backends.threads()
+    return kernels(backend, points.device, "part_alignment").part_alignment_backward(
+        grad_r, r, record, points, parts, weights, scale, full
     )
-    return gx, gw
 
 
 @_part_alignment_backward_op.register_fake
 def _(grad_r, r, record, points, parts, weights, scale, full, backend):
     B, K, D = points.shape
-    dt = _checks.compute_dtype(points.dtype)
+    dt = _tensors.compute_dtype(points.dtype)
     return points.new_empty(B, K, D, dtype=dt), points.new_empty(B, K, dtype=dt)
 
 
@@ -396,7 +341,7 @@ def part_alignment(
     _checks.same_device(points=points, parts=parts, weights=weights)
     weights = None if weights is None else weights.to(points.dtype)
 
-    chosen = _backend.get_backend()
+    chosen = get_backend()
     if chosen == "reference":
         _check_weights_cpu(weights)
         return part_alignment_reference(points, parts, weights, scale=scale, detach_transform=detach_transform)

@@ -1,7 +1,7 @@
 """Index arithmetic of the Triton kernels past 2^31 and their launch grids (issue 16.4), on CPU.
 
 A wrapped int32 offset needs tensors of 8 GB and more to show in a real launch (those cases are in
-tests/test_gpu_check.py). Here the kernels' own offset helpers run in the interpreter on the scalar
+tests/gpu/). Here the kernels' own offset helpers run in the interpreter on the scalar
 values a real launch would pass them, against exact Python integers; and the launchers' grids are
 recorded for a batch past 65535 (CUDA caps grid axes 1 and 2 there)."""
 

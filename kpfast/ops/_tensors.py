@@ -1,38 +1,46 @@
-"""Access to the two kernel families from the torch side."""
+"""Dtype, layout and device helpers shared by the ops and both kernel families."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
-import inspect
 from collections import OrderedDict
-from types import ModuleType
+from typing import Optional, Sequence
 
 import torch
+from torch import Tensor
+
+from ..reference import compute_dtype
 
 
-def cpp() -> ModuleType:
-    """The compiled C++ extension ``kpfast._C``."""
-    try:
-        return importlib.import_module("kpfast._C")
-    except ImportError as err:  # pragma: no cover - only on a broken install
-        raise ImportError(
-            "kpfast's C++ kernels (kpfast._C) are not built; reinstall with `pip install -e .` "
-            "from the repository (needs a C++17 compiler)"
-        ) from err
+def compute(t: Optional[Tensor], dtype: Optional[torch.dtype] = None, *, contiguous: bool = True) -> Optional[Tensor]:
+    """``t`` in ``dtype`` (default: its compute dtype, :func:`compute_dtype`) and contiguous unless
+    ``contiguous=False``; None stays None. No copy when nothing changes."""
+    if t is None:
+        return None
+    t = t.to(compute_dtype(t.dtype) if dtype is None else dtype)
+    return t.contiguous() if contiguous else t
 
 
-@functools.lru_cache(maxsize=None)
-def triton_kernels(op: str) -> ModuleType:
-    """The Triton kernel module ``kpfast.kernels.<op>`` (imports triton lazily). On first use its
-    launchers (public functions) are wrapped to run on their tensors' device: see
-    :func:`on_tensor_device`."""
-    module = importlib.import_module(f"kpfast.kernels.{op}")
-    for name, value in list(vars(module).items()):
-        if inspect.isfunction(value) and not name.startswith("_") and value.__module__ == module.__name__:
-            setattr(module, name, on_tensor_device(value))
-    return module
+def planes(t: Tensor) -> Tensor:
+    """``t`` itself when each trailing H x W plane is contiguous (any leading strides), else a contiguous copy."""
+    H, W = t.shape[-2:]
+    if (W == 1 or t.stride(-1) == 1) and (H == 1 or t.stride(-2) == W) and all(s >= 0 for s in t.stride()):
+        return t
+    return t.contiguous()
+
+
+def plane_list(readouts: Sequence[Tensor], stacked: bool) -> list[Tensor]:
+    """Readout maps with contiguous planes: a stacked ``[B, K, C, H, W]`` tensor (``stacked``, one
+    element), or maps sharing one (batch, keypoint) stride pair.
+
+    Channel slices of one tensor (``out.chunk(3, dim=1)``) and separately allocated
+    contiguous maps pass through without a copy; only maps laid out differently are copied.
+    """
+    rs = [planes(r) for r in readouts]
+    if not stacked and len({(r.stride(0), r.stride(1)) for r in rs}) > 1:
+        rs = [r.contiguous() for r in rs]
+    return rs
 
 
 def tensor_device(args, kwargs) -> torch.device | None:
@@ -66,15 +74,6 @@ def on_tensor_device(launcher):
 
     launch.on_tensor_device = True
     return launch
-
-
-def as_numpy(t: torch.Tensor | None):
-    """A no-copy numpy view of a contiguous CPU tensor (None stays None)."""
-    return None if t is None else t.detach().numpy()
-
-
-def threads() -> int:
-    return torch.get_num_threads()
 
 
 def capturing(device: torch.device) -> bool:

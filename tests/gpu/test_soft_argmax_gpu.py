@@ -10,7 +10,7 @@ import torch
 import kpfast
 from kpfast.reference import soft_argmax_reference
 
-from _util import fresh_generator
+from _util import seeded_generator
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
@@ -67,14 +67,14 @@ def _check_against_float64_reference(args, leaves, seed, rtol, atol):
     ],
 )
 def test_triton_matches_reference_at_real_sizes(B, K, C, H, W, chunks):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     args, leaves = _problem(gen, B, K, C, H, W, chunks=chunks)
     _check_against_float64_reference(args, leaves, seed, rtol=1e-4, atol=1e-5)
 
 
 def test_float64_with_a_float_beta():
     """A float beta reaches the float64 kernels exactly (as its bit pattern), not through a tensor."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     (heat, readouts, _), (h, r, _) = _problem(gen, 2, 5, 2, 33, 47, dtype=torch.float64, beta_dtype=torch.float64)
     kp, values = kpfast.soft_argmax(heat, readouts, beta=1.3)
     ref_kp, ref_v = soft_argmax_reference(h.detach(), r.detach(), beta=1.3)
@@ -84,7 +84,7 @@ def test_float64_with_a_float_beta():
 
 def test_scattered_readouts_and_no_readouts():
     """Separately allocated readouts at uneven distances (the offset-table path), and none."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     (heat, readouts, beta), _ = _problem(gen, 4, 17, 3, 64, 64)
     spacers, maps = [], []
     for c in range(3):
@@ -107,7 +107,7 @@ def test_scattered_readouts_and_no_readouts():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(dtype):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     args, leaves = _problem(gen, 8, 98, 2, 64, 64, dtype=dtype)
     kp, values = kpfast.soft_argmax(*args[:2], beta=args[2])
     assert kp.dtype == dtype and values.dtype == dtype
@@ -118,7 +118,7 @@ def test_half_precision(dtype):
 
 @pytest.mark.parametrize("beta", [1.3, "tensor"])
 def test_captures_in_a_cuda_graph(beta):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     (heat, readouts, b), _ = _problem(gen, 4, 98, 2, 64, 64)
     heat, readouts = heat.detach(), readouts.detach()
     b = b.detach() if beta == "tensor" else beta
@@ -136,7 +136,7 @@ def test_captures_in_a_cuda_graph(beta):
 def test_offset_table_first_seen_during_capture():
     """Issue 16.3: the offset table of scattered readouts was copied to the device the first time a
     layout was seen, which crashed when that was during capture."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     heat = torch.randn(2, 5, 16, 16, device=DEVICE)
     maps, spacers = [], []
     for c in range(3):
@@ -158,7 +158,7 @@ def test_readout_gradient_offsets_past_2_31():
     """Issue 16.4: three list readouts with B*K*H*W = 1.15e9: the backward computed c * g_sc (and
     c * r_sc) in int32, so the third channel's gradient landed 2.3e9 elements off (about 19 GB)."""
     B, K, H, W, C = 1, 1100, 1024, 1024, 3
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     heat = torch.randn(B, K, H, W, device=DEVICE, dtype=torch.bfloat16).requires_grad_()
     maps = [torch.randn(B, K, H, W, device=DEVICE, dtype=torch.bfloat16).requires_grad_() for _ in range(C)]
     kp, values = kpfast.soft_argmax(heat, maps)
@@ -176,7 +176,7 @@ def test_readout_gradient_offsets_past_2_31():
 
 
 def test_torch_compile_on_cuda():
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     (heat, readouts, beta), _ = _problem(gen, 2, 5, 2, 32, 32)
 
     def f(heat, readouts, beta):

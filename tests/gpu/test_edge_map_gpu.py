@@ -11,7 +11,7 @@ import kpfast
 from kpfast.data.skeletons import all_pairs
 from kpfast.reference import edge_map_reference
 
-from _util import fresh_generator
+from _util import seeded_generator
 
 pytestmark = pytest.mark.gpu
 F64 = torch.float64
@@ -78,7 +78,7 @@ HALF = (1.5e-2, 3e-2, 1e-5)
 
 @pytest.mark.parametrize("name, B, K, edges, H, W, dtype, mode, weight, uncertainty", CASES, ids=[c[0] for c in CASES])
 def test_matches_the_float64_reference_through_its_winner_map(name, B, K, edges, H, W, dtype, mode, weight, uncertainty):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     gpu, ref, e, size = _problem(gen, B, K, edges, H, W, dtype, weight, uncertainty)
     kw = lambda d: dict(uncertainty=d.get("uncertainty"), edge_weight=d.get("edge_weight"), sigma2=d["sigma2"], mode=mode)  # noqa: E731
     out = kpfast.edge_map(gpu["keypoints"], e, size, **kw(gpu))
@@ -127,7 +127,7 @@ def test_nan_follows_the_reference_with_compiled_min_max(mode, where):
 @pytest.mark.parametrize("edges_as", ["list", "tensor"])
 def test_captures_in_a_cuda_graph_and_replays_new_inputs(sigma2, edges_as):
     """Issue 16.3: capture crashed with a float sigma2 (the default), copied to the device per call."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     gpu, _, edges, _ = _problem(gen, 8, 32, all_pairs(32), 128, 128, torch.float32)
     kp, unc, w = (gpu[k].detach() for k in ("keypoints", "uncertainty", "edge_weight"))
     s2 = 2.7e-3 if sigma2 == "float" else torch.tensor(2.7e-3, device="cuda")
@@ -146,7 +146,7 @@ def test_captures_in_a_cuda_graph_and_replays_new_inputs(sigma2, edges_as):
 
 
 def test_torch_compile_on_cuda():
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     gpu, _, edges, _ = _problem(gen, 2, 32, all_pairs(32), 64, 64, torch.float32)
 
     def f(kp, unc, w):
@@ -162,7 +162,7 @@ def test_torch_compile_on_cuda():
 
 def test_batch_past_the_grid_limit_of_65535():
     """Issue 16.4: B sat on grid axis 1, which CUDA caps at 65535."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     B = 70_000
     kp = (torch.rand(B, 3, 2, generator=gen) * 1.6 - 0.8).cuda().requires_grad_()
     out = kpfast.edge_map(kp, [(0, 1), (1, 2)], (4, 5), sigma2=0.05)
@@ -191,7 +191,7 @@ def test_pixel_offsets_past_2_31():
 def test_partial_sum_offsets_past_2_31():
     """Issue 16.4: the backward's per-(sample, tile, edge) partial sums, B*tiles*E*8 = 2.5e9 (about
     10 GB): the last samples' gradients must match a run of those samples alone."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     B, K, E = 64, 8, 300_000
     kp = (torch.rand(B, K, 2, generator=gen) * 1.6 - 0.8).cuda().requires_grad_()
     edges = torch.randint(0, K, (E, 2), generator=gen).cuda()

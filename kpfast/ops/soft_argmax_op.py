@@ -9,55 +9,13 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import backend as _backend
 from ..reference import soft_argmax_reference
-from . import _backends, _checks
-
-n = _backends.as_numpy
-
-
-def _planes(t: Tensor) -> Tensor:
-    """``t`` itself when each trailing H x W plane is contiguous (any leading strides), else a contiguous copy."""
-    H, W = t.shape[-2:]
-    if (W == 1 or t.stride(-1) == 1) and (H == 1 or t.stride(-2) == W) and all(s >= 0 for s in t.stride()):
-        return t
-    return t.contiguous()
-
-
-def _plane_list(readouts: Sequence[Tensor]) -> list[Tensor]:
-    """Readout maps with contiguous planes and one shared (batch, keypoint) stride pair.
-
-    Channel slices of one tensor (``out.chunk(3, dim=1)``) and separately allocated
-    contiguous maps pass through without a copy; only maps laid out differently are copied.
-    """
-    rs = [_planes(r) for r in readouts]
-    if len({(r.stride(0), r.stride(1)) for r in rs}) > 1:
-        rs = [r.contiguous() for r in rs]
-    return rs
-
-
-def _cpp_dtype(t: Tensor) -> Tensor:
-    """float32 for the half types (the C++ kernels take float32/float64)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-def _cpp_maps(heatmaps: Tensor, readouts: list[Tensor], stacked: bool):
-    """numpy plane views for the C++ kernels: the heatmaps and one ``[B, K, H, W]`` view per readout channel."""
-    h = _planes(_cpp_dtype(heatmaps))
-    if stacked:
-        r = _planes(_cpp_dtype(readouts[0]))
-        rs = [n(r[:, :, c]) for c in range(r.shape[2])]
-    else:
-        rs = [n(_planes(_cpp_dtype(r))) for r in readouts]
-    return h, rs
+from . import _checks, _tensors
+from .backend import get_backend, kernels
 
 
 def _n_readouts(readouts: list[Tensor], stacked: bool) -> int:
     return readouts[0].shape[2] if stacked else len(readouts)
-
-
-def _beta_float(beta: Optional[Tensor], beta_value: float) -> float:
-    return float(beta) if beta is not None else beta_value
 
 
 @torch.library.custom_op("kpfast::soft_argmax", mutates_args=(), device_types=("cpu", "cuda"))
@@ -69,27 +27,13 @@ def _soft_argmax_op(
     beta_value: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    family = _backend.resolve(backend, heatmaps.device, "soft_argmax")
-    h = _planes(heatmaps)
-    rs = [_planes(readouts[0])] if stacked else _plane_list(readouts)
-    if family == "triton":
-        return _backends.triton_kernels("soft_argmax").soft_argmax_forward(h, rs, stacked, beta, beta_value)
-    B, K = heatmaps.shape[:2]
-    hc, rn = _cpp_maps(h, rs, stacked)
-    acc = hc.dtype
-    kp = torch.empty(B, K, 2, dtype=acc)
-    values = torch.empty(B, K, len(rn), dtype=acc)
-    stats = torch.empty(B, K, 2, dtype=acc)
-    _backends.cpp().soft_argmax_forward(
-        n(hc), rn, _beta_float(beta, beta_value), n(kp), n(values), n(stats), _backends.threads()
-    )
-    return kp, values, stats
+    return kernels(backend, heatmaps.device, "soft_argmax").soft_argmax_forward(heatmaps, readouts, stacked, beta, beta_value)
 
 
 @_soft_argmax_op.register_fake
 def _(heatmaps, readouts, stacked, beta, beta_value, backend):
     B, K = heatmaps.shape[:2]
-    acc = _checks.compute_dtype(heatmaps.dtype)
+    acc = _tensors.compute_dtype(heatmaps.dtype)
     C = _n_readouts(readouts, stacked)
     return (
         heatmaps.new_empty(B, K, 2, dtype=acc),
@@ -115,33 +59,9 @@ def _soft_argmax_backward_op(
     need_beta: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    family = _backend.resolve(backend, heatmaps.device, "soft_argmax")
-    h = _planes(heatmaps)
-    rs = [_planes(readouts[0])] if stacked else _plane_list(readouts)
-    gk, gv = grad_keypoints.contiguous(), grad_values.contiguous()
-    kp, vals, st = keypoints.contiguous(), values.contiguous(), stats.contiguous()
-    if family == "triton":
-        return _backends.triton_kernels("soft_argmax").soft_argmax_backward(
-            gk, gv, h, rs, stacked, beta, beta_value, kp, vals, st, need_heatmaps, need_readouts, need_beta
-        )
-    B, K, H, W = heatmaps.shape
-    C = _n_readouts(readouts, stacked)
-    hc, rn = _cpp_maps(h, rs, stacked)
-    acc = hc.dtype
-    need_readouts = need_readouts and C > 0
-    gh = torch.empty(B, K, H, W, dtype=acc) if need_heatmaps else None
-    gr = torch.empty((B, K, C, H, W) if stacked else (C, B, K, H, W), dtype=acc) if need_readouts else None
-    gr_views = ([n(gr[:, :, c]) for c in range(C)] if stacked else [n(g) for g in gr]) if need_readouts else []
-    gb = torch.empty(B, K, dtype=acc) if need_beta else None
-    _backends.cpp().soft_argmax_backward(
-        n(gk.to(acc)), n(gv.to(acc)), n(hc), rn, _beta_float(beta, beta_value), n(kp.to(acc)), n(vals.to(acc)),
-        n(st.to(acc)), n(gh), gr_views, n(gb), _backends.threads(),
-    )
-    dtype = heatmaps.dtype
-    return (
-        gh.to(dtype) if gh is not None else heatmaps.new_empty(0),
-        gr.to(dtype) if gr is not None else heatmaps.new_empty(0),
-        gb if gb is not None else heatmaps.new_empty(0, dtype=acc),
+    return kernels(backend, heatmaps.device, "soft_argmax").soft_argmax_backward(
+        grad_keypoints, grad_values, heatmaps, readouts, stacked, beta, beta_value, keypoints, values, stats,
+        need_heatmaps, need_readouts, need_beta,
     )
 
 
@@ -150,7 +70,7 @@ def _(grad_keypoints, grad_values, heatmaps, readouts, stacked, beta, beta_value
       need_heatmaps, need_readouts, need_beta, backend):
     B, K, H, W = heatmaps.shape
     C = _n_readouts(readouts, stacked)
-    acc = _checks.compute_dtype(heatmaps.dtype)
+    acc = _tensors.compute_dtype(heatmaps.dtype)
     gh = heatmaps.new_empty(B, K, H, W) if need_heatmaps else heatmaps.new_empty(0)
     if need_readouts and C > 0:
         gr = heatmaps.new_empty((B, K, C, H, W) if stacked else (C, B, K, H, W))
@@ -315,7 +235,7 @@ def soft_argmax(heatmaps: Tensor, readouts=None, *, beta=1.0) -> tuple[Tensor, O
     b, beta_value = _beta(beta, heatmaps)
     _checks.same_device(heatmaps=heatmaps, beta=b, **{f"readouts[{i}]": r for i, r in enumerate(rs)})
 
-    chosen = _backend.get_backend()
+    chosen = get_backend()
     if chosen == "reference":
         return soft_argmax_reference(heatmaps, readouts, beta=b if b is not None else beta_value)
     keypoints, values, _ = _soft_argmax_op(heatmaps, rs, stacked, b, beta_value, chosen)

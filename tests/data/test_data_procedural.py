@@ -14,6 +14,8 @@ from kpfast.data.procedural.raycast import pack_scenes, render
 from kpfast.data.procedural.scene import (Material, Scene, box, ellipsoid, sample_background,
                                           sample_light)
 
+from _util import fixed_seed
+
 CATS = ["face", "animal", "car"]
 
 
@@ -35,7 +37,7 @@ def _toy_scene(rng, occluder_active=True):
 
 
 def test_raycast_depth_visibility_and_projection():
-    rng = np.random.default_rng(int(torch.randint(0, 2**31, ()).item()))
+    rng = np.random.default_rng(fixed_seed())
     packed = pack_scenes([_toy_scene(rng), _toy_scene(rng, occluder_active=False)])
     r = render(packed, 33)
     kp = r["keypoints"]

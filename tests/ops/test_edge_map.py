@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import kpfast
-from kpfast.backend import interpreting_triton
+from kpfast.ops.backend import interpreting_triton
 from kpfast.data.skeletons import all_pairs
 from kpfast.reference import edge_map_reference
 
-from _util import (FACTORIES, HOST_READS, assert_close, calls_from_kpfast, device_for, fresh_generator,
+from _util import (FACTORIES, HOST_READS, assert_close, calls_from_kpfast, device_for, seeded_generator,
                    interpreter_min_max_nan, kernel_backends, nan_rule_cases, run, tolerances)
 
 BACKENDS = kernel_backends()
@@ -62,7 +62,7 @@ def reference(problem, mode, dtype=None):
 @pytest.mark.parametrize("uncertainty", [False, True])
 @pytest.mark.parametrize("weight", [None, "E", "BE"])
 def test_matches_reference_forward_and_backward(backend, dtype, mode, uncertainty, weight):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     problem = make_problem(gen, dtype=dtype, device=device_for(backend), uncertainty=uncertainty, weight=weight)
     out = run(backend, call, problem, mode)
     ref, ref_problem = reference(problem, mode)
@@ -83,7 +83,7 @@ def test_matches_reference_forward_and_backward(backend, dtype, mode, uncertaint
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["intensity", "precision"])
 def test_gradcheck_float64(backend, mode):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     problem = make_problem(gen, B=2, K=4, E=5, H=6, W=7, device=device_for(backend), weight="BE")
     p = dict(problem)
     edges, size = p.pop("edges"), p.pop("size")
@@ -104,7 +104,7 @@ def test_gradcheck_float64(backend, mode):
 def test_degenerate_inputs_give_finite_values_and_gradients(backend, mode):
     """Every backend, the reference included (at E = 0 it returned zeros without a grad_fn)."""
     device = device_for(backend)
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     kp = torch.rand(1, 3, 2, generator=gen, dtype=torch.float64).to(device) * 2 - 1
     kp[0, 2] = kp[0, 1]  # two coincident keypoints
     unc = torch.randn(1, 3, generator=gen, dtype=torch.float64).to(device)
@@ -167,7 +167,7 @@ def test_nan_input_gives_the_references_nan_pixels_and_gradients(backend, nan_ru
 @pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_return_half_outputs_close_to_float32(backend, dtype):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     problem = make_problem(gen, dtype=torch.float32, device=device_for(backend))
     half = {k: (v.detach().to(dtype).requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in problem.items()}
     out = run(backend, call, half, "intensity")
@@ -182,7 +182,7 @@ def test_half_inputs_return_half_outputs_close_to_float32(backend, dtype):
 def test_inputs_of_mixed_float_dtypes_are_computed_in_the_keypoints_dtype(backend):
     """float32 keypoints with float64 logits, float16 weights and a float64 sigma2: every backend
     computes in float32 (C++ rejected the mix), returns float32 and each gradient in its input's dtype."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     problem = make_problem(gen, dtype=torch.float32, device=device_for(backend))
     mixed = dict(problem)
     for name, dtype in (("uncertainty", torch.float64), ("edge_weight", torch.float16), ("sigma2", torch.float64)):
@@ -206,7 +206,7 @@ def test_host_syncs_and_copies_per_call(edges_as, sigma2_as):
     three: edges min, max, the sign of sigma2), and no tensor built from a Python value per call (a
     float sigma2 was copied to the device on every call, which a CUDA graph cannot capture; a list
     is copied once, see test_device_constants_are_copied_once_and_capturable)."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     problem = make_problem(gen, dtype=torch.float32)
     if edges_as == "list":
         problem["edges"] = [tuple(p) for p in problem["edges"].tolist()]
@@ -226,7 +226,7 @@ def test_triton_backward_visits_only_the_edges_that_win_in_a_tile(monkeypatch):
     """Issue 16.7: the backward walked all E edges of every tile with a block-wide reduction each;
     it now visits the edges that win a pixel of the tile (and edges with a non-finite input)."""
     kernels = importlib.import_module("kpfast.kernels.edge_map")
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     B, K, H, W = 1, 9, 36, 40
     kp = (torch.rand(B, K, 2, generator=gen) * 2 - 1).requires_grad_()
     edges = torch.tensor(all_pairs(K))
@@ -245,7 +245,7 @@ def test_triton_backward_visits_only_the_edges_that_win_in_a_tile(monkeypatch):
 
 
 def test_edges_as_pairs_or_tensor_agree():
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     kp = torch.rand(2, 4, 2, generator=gen) * 2 - 1
     pairs = [(0, 1), (1, 2), (3, 0)]
     assert torch.equal(kpfast.edge_map(kp, pairs, 12), kpfast.edge_map(kp, torch.tensor(pairs), 12))
@@ -310,7 +310,7 @@ def test_backend_names_are_checked():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_memory_kept_for_backward_is_one_int32_map(backend):
     """Saved for backward beyond the inputs: the int32 winner map only (B*H*W*4 bytes)."""
-    gen, _ = fresh_generator()
+    gen, _ = seeded_generator()
     problem = make_problem(gen, B=2, K=8, E=20, H=16, W=24, dtype=torch.float32, device=device_for(backend))
     inputs = {t.data_ptr() for t in differentiable(problem)} | {problem["edges"].data_ptr()}
     saved = []

@@ -5,20 +5,19 @@ degenerate inputs, validation and memory kept for backward."""
 from __future__ import annotations
 
 import doctest
-import importlib
 import math
 
 import pytest
 import torch
 
 import kpfast
-from kpfast.backend import interpreting_triton
+from kpfast.ops import soft_argmax_op as op_module
+from kpfast.ops.backend import interpreting_triton
 from kpfast.reference import soft_argmax_reference
 
-from _util import (assert_close, calls_from_kpfast, device_for, fresh_generator, interpreter_min_max_nan, kernel_backends,
+from _util import (assert_close, calls_from_kpfast, device_for, seeded_generator, interpreter_min_max_nan, kernel_backends,
                    nan_rule_cases, run, tolerances)
 
-op_module = importlib.import_module("kpfast.ops.soft_argmax")  # the attribute kpfast.ops.soft_argmax is the function
 BACKENDS = kernel_backends()
 LAYOUTS = ["none", "stacked", "list", "chunks", "scattered", "empty"]
 
@@ -118,7 +117,7 @@ def loss(out, gk, gv):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_matches_reference_forward_and_backward(backend, dtype, layout):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     beta = "tensor" if layout != "list" else "float"
     C = {"empty": 0, "scattered": 3}.get(layout, 2)
     problem, leaves = make_problem(gen, C=C, dtype=dtype, device=device_for(backend), layout=layout, beta=beta)
@@ -148,7 +147,7 @@ def test_matches_reference_forward_and_backward(backend, dtype, layout):
 @pytest.mark.parametrize("wanted", ["heatmaps", "readouts", "beta"])
 def test_gradient_to_one_input_only(backend, wanted):
     """Each of the three gradients is right when it is the only one asked for (the kernels skip the others)."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     problem, leaves = make_problem(gen, device=device_for(backend), layout="stacked")
     for k, v in leaves.items():
         v.requires_grad_(k == wanted)
@@ -162,7 +161,7 @@ def test_gradient_to_one_input_only(backend, wanted):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     problem, _ = make_problem(gen, B=2, K=2, C=2, H=5, W=6, device=device_for(backend), layout="list", scale=1.0)
     heat = problem["heatmaps"]
     r0, r1 = problem["readouts"]
@@ -184,7 +183,7 @@ def test_triton_split_planes_and_channel_groups(dtype):
     """The split-over-tiles path (with its combine kernel) and several readout channel groups."""
     from kpfast.kernels import soft_argmax as tk
 
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     device = device_for("triton")
     B, K, C, H, W = 1, 2, 5, 13, 11  # 143 pixels: 9 tiles of 16
     h = (torch.randn(B, K, H, W, generator=gen, dtype=torch.float64) * 3).to(dtype=dtype, device=device)
@@ -234,7 +233,7 @@ def test_triton_integer_row_index_path(monkeypatch):
     """Planes above FAST_DIV_MAX pixels use integer division: the same results."""
     from kpfast.kernels import soft_argmax as tk
 
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     problem, leaves = make_problem(gen, H=6, W=11, device=device_for("triton"), layout="stacked")
     want = run("triton", call, problem)
     monkeypatch.setattr(tk, "FAST_DIV_MAX", 0)
@@ -252,7 +251,7 @@ def test_triton_integer_row_index_path(monkeypatch):
 def test_maps_spanning_several_tiles(backend, dtype):
     """37 x 41 = 1517 pixels: several C++ chunks / Triton tiles per row, the running max rescaled between them."""
     device = device_for(backend)
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     B, K, C, H, W = 1, 3, 2, 37, 41
     h = torch.randn(B, K, H, W, generator=gen, dtype=torch.float64) * 2
     h[0, 0, 30:] += 6.0  # the largest logits come last: the running max grows in the last tile
@@ -279,7 +278,7 @@ def test_maps_spanning_several_tiles(backend, dtype):
 def test_extreme_logits_give_finite_results(backend):
     """+-1e4 logits, rows of equal logits, -inf pixels, a large beta: finite and equal to the reference."""
     device = device_for(backend)
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     B, K, H, W = 1, 4, 6, 7
     h = torch.randn(B, K, H, W, generator=gen, dtype=torch.float64) * 1e4
     h[0, 1] = 1e4  # all equal, large
@@ -311,7 +310,7 @@ def test_extreme_logits_give_finite_results(backend):
 def test_masked_pixels_get_no_weight_for_any_beta(backend):
     """-inf masks its pixel for positive, zero and negative beta (beta = 0 averages the unmasked pixels)."""
     device = device_for(backend)
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     h = torch.randn(2, 3, 5, 6, generator=gen, dtype=torch.float64)
     mask = torch.rand(2, 3, 5, 6, generator=gen) < 0.4
     mask[..., 0, 0] = False
@@ -339,7 +338,7 @@ def test_masked_pixels_get_no_weight_for_any_beta(backend):
 def test_row_masked_everywhere_is_nan_and_others_are_not(backend):
     """Documented: a row of -inf has no softmax; its keypoint and values are NaN (as torch.softmax)."""
     device = device_for(backend)
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     h = torch.randn(1, 3, 4, 5, generator=gen, dtype=torch.float64)
     h[0, 1] = float("-inf")
     r = torch.randn(1, 3, 2, 4, 5, generator=gen, dtype=torch.float64)
@@ -357,7 +356,7 @@ def test_row_masked_everywhere_is_nan_and_others_are_not(backend):
 def test_nan_is_not_hidden(backend):
     """NaN anywhere in a heatmap row makes the row NaN; NaN in a readout map makes its value NaN."""
     device = device_for(backend)
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     h = torch.randn(1, 3, 4, 5, generator=gen, dtype=torch.float64)
     r = torch.randn(1, 3, 2, 4, 5, generator=gen, dtype=torch.float64)
     h[0, 0, 2, 2] = float("nan")
@@ -380,7 +379,7 @@ def test_nan_gradients_match_the_reference(backend, nan_rule, use):
     pixel's heatmap gradient is 0 (not 0 * NaN), and a NaN readout reaches no gradient when the
     values are not used."""
     device = device_for(backend)
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     h = torch.randn(1, 4, 4, 5, generator=gen, dtype=torch.float64)
     r = torch.randn(1, 4, 2, 4, 5, generator=gen, dtype=torch.float64)
     h[0, 0, 2, 2] = float("nan")
@@ -410,7 +409,7 @@ def test_float32_heatmap_gradient_keeps_its_precision_at_large_beta(backend, bet
     """Issue 11: the C++ backward formed gx x - gx kx, whose rounding error (~eps |gx|) beta multiplied:
     error 7e-5 at beta 1e4 and 72 at 1e10 where the true gradient is about 0. Now no worse than the
     float32 reference."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     h = torch.randn(2, 4, 16, 16, generator=gen)
     r = torch.randn(2, 4, 2, 16, 16, generator=gen)
     gk, gv = torch.randn(2, 4, 2, generator=gen, dtype=torch.float64), torch.randn(2, 4, 2, generator=gen, dtype=torch.float64)
@@ -433,7 +432,7 @@ def test_no_host_syncs_or_copies_per_call(dtype, layout):
     """The Triton path on CPU tensors, counting what would sync or copy on CUDA (issue 16.3): a float
     beta in float64 was copied to the device on every call (a CUDA graph cannot capture that); the
     offset table of scattered readouts is copied once per layout (test_device_constants_...)."""
-    gen, _ = fresh_generator()
+    gen, _ = seeded_generator()
     args, _ = make_problem(gen, dtype=dtype, layout=layout, beta="float")
     out = run("triton", call, args)
     with calls_from_kpfast() as counts:
@@ -446,7 +445,7 @@ def test_no_host_syncs_or_copies_per_call(dtype, layout):
 def test_degenerate_shapes(backend):
     """One-pixel rows and columns, K = 1, an empty batch, C = 0 and a 1 x 1 map."""
     device = device_for(backend)
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     for B, K, C, H, W in [(2, 1, 1, 1, 7), (1, 2, 3, 6, 1), (1, 1, 2, 1, 1), (0, 3, 2, 4, 4), (2, 0, 1, 3, 3), (1, 2, 0, 3, 5)]:
         h = torch.randn(B, K, H, W, generator=gen, dtype=torch.float64)
         r = torch.randn(B, K, C, H, W, generator=gen, dtype=torch.float64)
@@ -470,7 +469,7 @@ def test_degenerate_shapes(backend):
 def test_strided_and_transposed_maps(backend):
     """Channel slices are read in place; maps whose planes are not contiguous (a transpose) are copied first."""
     device = device_for(backend)
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     base = torch.randn(2, 9, 6, 5, generator=gen, dtype=torch.float64).to(device)
     heat = base[:, 0:3].transpose(-1, -2)  # [2, 3, 5, 6], planes not contiguous
     readouts = [base[:, 3:6].transpose(-1, -2), base[:, 6:9].transpose(-1, -2).contiguous()]
@@ -485,7 +484,7 @@ def test_strided_and_transposed_maps(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_sequence_of_readouts_is_never_stacked(backend, monkeypatch):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     problem, _ = make_problem(gen, device=device_for(backend), layout="list")
     want = run(backend, call, problem)
 
@@ -503,7 +502,7 @@ def test_a_sequence_of_readouts_is_never_stacked(backend, monkeypatch):
 @pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_return_half_outputs_close_to_float32(backend, dtype):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     problem, leaves = make_problem(gen, dtype=dtype, device=device_for(backend), layout="stacked", scale=1.0)
     kp, values = run(backend, call, problem)
     assert kp.dtype == dtype and values.dtype == dtype
@@ -551,8 +550,7 @@ def test_bad_input_raises_naming_the_argument(backend, change, error, words, mon
     def no_launch(*args, **kwargs):
         raise AssertionError("a kernel ran before validation")
 
-    monkeypatch.setattr(op_module._backends, "cpp", no_launch)
-    monkeypatch.setattr(op_module._backends, "triton_kernels", no_launch)
+    monkeypatch.setattr(op_module, "kernels", no_launch)
     args = dict(heatmaps=torch.zeros(1, 3, 4, 5), readouts=None, beta=1.0)
     args.update(change)
     with pytest.raises(error, match=words):
@@ -568,7 +566,7 @@ def test_triton_on_cpu_without_interpreter_says_how(monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_memory_kept_for_backward_is_inputs_plus_per_row_numbers(backend):
     """Saved for backward beyond the inputs: keypoints, values and (max, normalizer), O(B*K*C) numbers."""
-    gen, _ = fresh_generator()
+    gen, _ = seeded_generator()
     B, K, C, H, W = 2, 3, 2, 12, 20
     problem, leaves = make_problem(gen, B=B, K=K, C=C, H=H, W=W, dtype=torch.float32, device=device_for(backend),
                                    layout="list")

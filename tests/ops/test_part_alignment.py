@@ -8,10 +8,10 @@ import roma
 import torch
 
 import kpfast
-from kpfast.ops import _backends
+from kpfast.ops.backend import extension, triton_kernels
 from kpfast.reference import part_alignment_reference
 
-from _util import assert_close, device_for, fresh_generator, kernel_backends, run, tolerances
+from _util import assert_close, device_for, seeded_generator, kernel_backends, run, tolerances
 
 BACKENDS = kernel_backends()
 
@@ -82,7 +82,7 @@ CASES += [(b, *c) for b in BACKENDS[1:] for c in ((torch.float32, 3, True, True)
 
 @pytest.mark.parametrize("backend,dtype,D,weights,detach", CASES)
 def test_matches_reference_forward_and_backward(backend, dtype, D, weights, detach):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     pts, parts, w = clean_problem(gen, dtype, B=4 if backend == "cpp" else 3, D=D, weights=weights)
     r, rr, got, want = call_and_grad(backend, pts, parts, w, detach, gen)
     tol = tolerances(dtype) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-5)
@@ -96,7 +96,7 @@ def test_matches_reference_forward_and_backward(backend, dtype, D, weights, deta
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_per_pair_roma_fits(backend):
     """r[i, j, p] from roma's weighted similarity fit of part p of sample j onto sample i."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     pts, parts, w = make_problem(gen, B=3, K=8, P=2)
     r = run(backend, kpfast.part_alignment, pts.to(device_for(backend)), parts.to(device_for(backend)),
             w.to(device_for(backend))).cpu()
@@ -116,7 +116,7 @@ def test_matches_per_pair_roma_fits(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_self_pairs_are_exactly_zero_and_similar_copies_align(backend):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     pts, parts, _ = make_problem(gen, B=3)
     q, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
     q[:, 0] *= torch.sign(torch.linalg.det(q))
@@ -130,7 +130,7 @@ def test_self_pairs_are_exactly_zero_and_similar_copies_align(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64_full_gradient(backend):
     """detach_transform=False: the exact derivative, through the fitted transforms."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     for D in (2, 3) if backend == "cpp" else (3,):
         pts, parts, w = clean_problem(gen, torch.float64, B=3 if backend == "cpp" else 2, K=7, P=2, D=D)
         dev = device_for(backend)
@@ -165,7 +165,7 @@ def frozen_residuals(x, parts, w, fits):
 def test_gradcheck_float64_detached_gradient(backend):
     """detach_transform=True is the derivative of the residual with (R, s, t) frozen at their fitted
     values: compared with autograd and with central finite differences of that frozen residual."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     pts, parts, w = clean_problem(gen, torch.float64, B=3, K=7, P=2)
     dev = device_for(backend)
     x, ww = pts.to(dev).requires_grad_(), w.to(dev).requires_grad_()
@@ -217,7 +217,7 @@ def degenerate_problem(gen, D):
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 @pytest.mark.parametrize("D", [2, 3])
 def test_degenerate_parts_give_finite_values_and_gradients(backend, D):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     pts, parts, w = degenerate_problem(gen, D)
     dev = device_for(backend)
     modes = [(True, None), (True, w), (False, None), (False, w)] if backend != "triton" else [(False, w)]
@@ -237,7 +237,7 @@ def test_degenerate_parts_give_finite_values_and_gradients(backend, D):
 
 
 def test_float16_and_bfloat16_inputs():
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     pts, parts, w = make_problem(gen, B=3)
     for dtype in (torch.float16, torch.bfloat16):
         r = run("cpp", kpfast.part_alignment, pts.to(dtype), parts, w.to(dtype))
@@ -273,9 +273,14 @@ def test_validation_names_the_argument():
 def test_record_layout_is_the_one_of_the_extension():
     """The Triton kernels keep the per-fit record in the layout of csrc/umeyama.cpp (issue 15: the
     30-float record was written in three places)."""
-    kernels = _backends.triton_kernels("umeyama")
-    assert kernels.RECORD == _backends.cpp().PART_RECORD_LAYOUT
-    assert kernels.RECORD["size"] == _backends.cpp().PART_RECORD_SIZE
+    kernels = triton_kernels("umeyama")
+    assert kernels.RECORD == extension().PART_RECORD_LAYOUT
+    assert kernels.RECORD["size"] == extension().PART_RECORD_SIZE
+    # the fields follow one another with the sizes both kernels read (3x3 A and C, 3-vectors, scalars)
+    sizes = dict(A=9, t=3, inv_W=1, Sd=3, Ss=3, C=9, Qs=1, W=1)
+    offsets = sorted((offset, name) for name, offset in kernels.RECORD.items() if name != "size")
+    ends = [offset + sizes[name] for offset, name in offsets]
+    assert [offset for offset, _ in offsets] == [0] + ends[:-1] and ends[-1] == kernels.RECORD["size"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -290,7 +295,7 @@ def test_no_parts(backend):
 @pytest.mark.gpu
 def test_cuda_graph_capture_and_no_host_sync():
     """The whole forward+backward can be captured in a CUDA graph (which fails on any host sync)."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     pts, parts, w = make_problem(gen, B=32, K=98, P=8, dtype=torch.float32)
     x = pts.cuda().requires_grad_()
     parts, w = parts.cuda(), w.cuda()
@@ -317,7 +322,7 @@ def test_cuda_graph_capture_and_no_host_sync():
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_nan_reaches_exactly_the_fits_of_its_parts(backend):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     pts, _, w = make_problem(gen, B=3, K=8)
     parts = torch.zeros(2, 8, dtype=torch.bool)
     parts[0, :4] = True
@@ -419,10 +424,10 @@ def test_float32_residuals_are_right_from_1e_minus_30_to_1e20(backend):
 def test_shapes_spanning_several_blocks(backend, monkeypatch):
     """More samples and points than one program's block: every loop over blocks of samples and
     points runs more than once (the Triton blocks are shrunk so that the interpreter stays fast)."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     B, K, P, N, M = 17, 37, 2, 45, 21
     if backend == "triton":
-        kernels = _backends.triton_kernels("umeyama")
+        kernels = triton_kernels("umeyama")
         for name, value in dict(PART_BLOCK_PAIRS=4, PART_BWD_BLOCK_POINTS=8, UMEYAMA_BLOCK_N=8).items():
             monkeypatch.setattr(kernels, name, value)
         B, K, P, N, M = 3, 11, 1, 9, 6

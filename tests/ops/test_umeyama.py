@@ -12,7 +12,7 @@ import torch
 import kpfast
 from kpfast.reference import umeyama_reference
 
-from _util import assert_close, device_for, fresh_generator, kernel_backends, run, tolerances
+from _util import assert_close, device_for, seeded_generator, kernel_backends, run, tolerances
 
 BACKENDS = kernel_backends()
 
@@ -44,7 +44,7 @@ def make_problem(gen, *, N=12, M=7, D=3, dtype=torch.float64, weights=True, refl
 @pytest.mark.parametrize("weights", [False, True])
 @pytest.mark.parametrize("scale", [False, True])
 def test_matches_reference_forward_and_backward(backend, dtype, D, weights, scale):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     src, dst, w = make_problem(gen, D=D, dtype=dtype, weights=weights)
     dev = device_for(backend)
     leaves = [v.to(dev).requires_grad_() for v in (src, dst, w) if v is not None]
@@ -68,7 +68,7 @@ def test_matches_reference_forward_and_backward(backend, dtype, D, weights, scal
 @pytest.mark.parametrize("D", [2, 3])
 def test_matches_roma(backend, D):
     """roma minimizes sum_m w_m |s R x_m + t - y_m|^2 with w (not w^2): the same fit."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     src, dst, w = make_problem(gen, N=20, D=D, noise=0.3)
     dev = device_for(backend)
     R, s, t = run(backend, kpfast.umeyama, src.to(dev), dst.to(dev), w.to(dev))
@@ -85,7 +85,7 @@ def test_matches_roma(backend, D):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_recovers_exact_similarity_and_broadcasts_batch_dims(backend):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     dev = device_for(backend)
     template = torch.randn(6, 3, generator=gen, dtype=torch.float64)  # [M, D], broadcast against [2, 3, M, D]
     R = random_rotation(gen, 6, 3).reshape(2, 3, 3, 3)
@@ -105,7 +105,7 @@ def test_recovers_exact_similarity_and_broadcasts_batch_dims(backend):
 
 @pytest.mark.parametrize("backend,scale", [("cpp", False), ("cpp", True)] + [(b, True) for b in BACKENDS[1:]])
 def test_gradcheck_float64(backend, scale):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     dev = device_for(backend)
     for D in (2, 3) if backend == "cpp" else (3,):  # the interpreter is slow; D = 2 has parity tests there
         src, dst, w = make_problem(gen, N=3, M=5, D=D, noise=0.3)
@@ -119,7 +119,7 @@ def test_gradcheck_float64(backend, scale):
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_tetrahedron_aligned_to_itself_has_finite_gradients(backend):
     """All three singular values coincide: torch.linalg.svd's backward gives NaN, ours does not."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     dev = device_for(backend)
     R0 = random_rotation(gen, 1, 3)[0]
     tet = torch.tensor([[1.0, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float64) @ R0.T
@@ -165,7 +165,7 @@ def degenerate_cases(gen, D):
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 @pytest.mark.parametrize("D", [2, 3])
 def test_degenerate_point_sets_follow_the_documented_rules(backend, D):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     dev = device_for(backend)
     eye = torch.eye(D, dtype=torch.float64)
     for name, (src, dst, w) in degenerate_cases(gen, D).items():
@@ -209,7 +209,7 @@ def test_degenerate_point_sets_follow_the_documented_rules(backend, D):
 def test_half_precision_inputs(backend):
     """float16/bfloat16 in, computed in float32, results in the input dtype (Triton only on a GPU:
     the interpreter computes half-precision arithmetic wrongly)."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     src, dst, w = make_problem(gen, D=3, noise=0.05)
     ref = umeyama_reference(src, dst, w)
     for dtype in (torch.float16, torch.bfloat16):
@@ -222,7 +222,7 @@ def test_half_precision_inputs(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_nan_inputs_give_nan_outputs(backend):
-    gen, _ = fresh_generator()
+    gen, _ = seeded_generator()
     src, dst, w = make_problem(gen, N=4, D=3)
     src[1, 2, 0] = float("nan")
     R, s, t = run(backend, kpfast.umeyama, src, dst, w)
@@ -426,7 +426,7 @@ def test_validation_names_the_argument():
 
 def test_rotation_angle_matches_closed_form_2d():
     """2D: R is the rotation by atan2(S10 - S01, S00 + S11) of the cross-covariance."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     src = torch.randn(8, 2, generator=gen, dtype=torch.float64)
     theta = float(torch.rand((), generator=gen)) * 2 * math.pi - math.pi
     c, s_ = math.cos(theta), math.sin(theta)

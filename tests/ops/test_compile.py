@@ -12,7 +12,7 @@ import torch
 
 import kpfast
 
-from _util import fresh_generator
+from _util import seeded_generator
 
 
 def edge_map_problem(gen):
@@ -25,7 +25,7 @@ def edge_map_problem(gen):
 
 
 def test_edge_map_compiles_fullgraph_and_matches_eager():
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     kp, edges, unc, w, s2 = edge_map_problem(gen)
 
     def f(kp, unc, w, s2):
@@ -44,7 +44,7 @@ def test_edge_map_compiles_fullgraph_and_matches_eager():
 
 def test_reference_backend_compiles_fullgraph_and_still_checks_edges():
     """The reference backend's value checks broke torch.compile(fullgraph=True) on a data-dependent guard."""
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     kp, edges, unc, w, s2 = edge_map_problem(gen)
     heat, readouts, beta = soft_argmax_problem(gen)
 
@@ -66,7 +66,7 @@ def test_reference_backend_compiles_fullgraph_and_still_checks_edges():
 
 @pytest.mark.slow
 def test_edge_map_compiles_with_inductor():
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     kp, edges, unc, w, s2 = edge_map_problem(gen)
 
     def f(kp, unc, w, s2):
@@ -79,7 +79,7 @@ def test_edge_map_compiles_with_inductor():
 
 
 def test_edge_map_opcheck():
-    gen, _ = fresh_generator()
+    gen, _ = seeded_generator()
     kp, edges, unc, w, s2 = edge_map_problem(gen)
     for args in [
         (kp, edges, 7, 9, unc, w, s2, 0.0, False, "cpp", True),
@@ -120,7 +120,7 @@ def soft_argmax_problem(gen, dtype=torch.float32):
 
 @pytest.mark.parametrize("as_list", [False, True])
 def test_soft_argmax_compiles_fullgraph_and_matches_eager(as_list):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     heat, readouts, beta = soft_argmax_problem(gen)
 
     def f(heat, readouts, beta):
@@ -149,7 +149,7 @@ def part_problem(gen, dtype=torch.float32):
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_umeyama_and_part_alignment_compile_fullgraph_and_match_eager(backend):
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     pts, parts, w = part_problem(gen)
 
     def f(pts, w):
@@ -171,7 +171,7 @@ def test_umeyama_and_part_alignment_compile_fullgraph_and_match_eager(backend):
 
 @pytest.mark.slow
 def test_soft_argmax_compiles_with_inductor():
-    gen, seed = fresh_generator()
+    gen, seed = seeded_generator()
     heat, readouts, beta = soft_argmax_problem(gen)
 
     def f(heat, readouts, beta):
@@ -189,7 +189,7 @@ def test_soft_argmax_compiles_with_inductor():
 
 
 def test_soft_argmax_opcheck():
-    gen, _ = fresh_generator()
+    gen, _ = seeded_generator()
     heat, readouts, beta = soft_argmax_problem(gen)
     h64, r64 = heat.detach().double().requires_grad_(), readouts.detach().double().requires_grad_()
     for args in [
@@ -211,7 +211,7 @@ def test_soft_argmax_opcheck():
 
 
 def test_umeyama_and_part_alignment_opcheck():
-    gen, _ = fresh_generator()
+    gen, _ = seeded_generator()
     pts, parts, w = part_problem(gen)
     pts64, w64 = pts.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     for args in [
