@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backend
+from ..ops import backend
 from ..checkpoint import CheckpointError
 from ..data import collate_samples
 from ..data.transforms import TransformRanges, sample_transform

@@ -347,7 +347,8 @@ class FabRecTrainer(Trainer):
     def draw_pictures(self, folder: Path, prefix: str = "", n: int = 16) -> None:
         """``predictions.png`` (test images; colour = heatmap peak height; ground truth beside) and
         ``reconstructions.png`` (image | reconstruction | predicted heatmaps | heatmaps over the image)."""
-        from .. import backend, viz
+        from .. import viz
+        from ..ops import backend
         from ..data import collate_samples
 
         det = self.model.detector

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .. import backend
+from ..ops import backend
 from ..config import HEATMAP_READOUTS, TrainConfig
 from ..evaluate import evaluate
 from ..losses import gaussian_heatmaps
