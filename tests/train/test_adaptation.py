@@ -27,7 +27,7 @@ from kpfast.train.adaptation import AdaptationTrainer, load_core
 from kpfast.train.cli import config_from_args, parser
 from kpfast.train.run_folder import LOCK_NAME, run_files
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny(cache, out, **kw):

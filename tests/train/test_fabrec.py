@@ -326,7 +326,7 @@ def test_the_committed_grid_runs_every_ablation_on_the_reported_seeds():
 
     from kpfast.experiments import Grid
 
-    grid = Grid.load(Path(__file__).resolve().parent.parent / "docs" / "results" / "fabrec" / "grid.json")
+    grid = Grid.load(Path(__file__).resolve().parents[2] / "docs" / "results" / "fabrec" / "grid.json")
     assert grid.seeds == [100, 101, 102] and grid.datasets == ["face", "animal"]
     arms = {(r.config.method, r.config.without) for r in grid.runs()}
     assert arms == {("3fabrec", ()), ("3fabrec", ("adv",)), ("3fabrec", ("struct",)), ("3fabrec", ("finetune",)),

@@ -29,7 +29,7 @@ from kpfast.train.moskvyak_objective import MoskvyakObjective
 from kpfast.train.run_folder import LOCK_NAME, run_files
 from kpfast.train.streams import RandomStreams
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _pixels(keypoints, side):
