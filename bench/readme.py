@@ -160,14 +160,15 @@ def demo_block(files: list[Path]) -> str:
     summary = json.loads(files[0].read_text())
     any_info = next(iter(summary["datasets"].values()))["info"]
     env = any_info.get("environment", {})
-    cmds = {a["label"]: a.get("command") for d in summary["datasets"].values() for a in d["arms"]}
+    cmds = {f"{dataset}, {a['label']}": a.get("command") for dataset, d in summary["datasets"].items()
+            for a in d["arms"]}
     lines = [markdown(summary).rstrip(), "",
              f"Mean ± sd over seeds {', '.join(map(str, summary['seeds']))} (each seed draws its own procedural "
              f"data and training streams); NME in % of the inter-ocular distance (faces) or the box size, PCK@0.1 of "
              f"the box size, spread = predicted / true keypoint extent (near 0: collapsed onto the object's centre). "
              f"{env.get('device')} with {env.get('cpu_threads')} thread(s) per run, torch {env.get('torch')}, "
              f"commit `{(env.get('git_commit') or '')[:10]}`; `python -m kpfast.experiments {files[0].parent.relative_to(ROOT).as_posix()}/grid.json` "
-             "reruns the grid.", "", *verdicts(summary), "", "<details><summary>the command of each arm</summary>", ""]
+             "reruns the grid.", "", *verdicts(summary), "", "<details><summary>the command of each arm (its first seed)</summary>", ""]
     lines += [f"- {label}: `{cmd}`" for label, cmd in cmds.items() if cmd] + ["", "</details>"]
     return f"{DEMO_START}\n" + "\n".join(lines) + f"\n{DEMO_END}"
 

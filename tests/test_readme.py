@@ -33,16 +33,26 @@ def test_ci_runs_the_readme_test_command():
     assert "<!-- test-command -->" in ci and "<!-- test-command -->" in README
 
 
-def test_main_command_is_the_run_behind_the_demo_results():
-    """The README's main job is the command the committed full-method demo result reproduces."""
+def test_main_command_is_the_full_arm_of_the_committed_demo_grid():
+    """The README's main job is the demo grid's full arm on faces, seed aside: each committed run's
+    command, with its seed and data seed removed, is the main command."""
     import json
 
     from kpfast.train.cli import command_line
 
     main = re.search(r"<!-- main-command -->\n```bash\n(.*?)\n```", README).group(1)
-    full = json.loads((ROOT / "docs" / "results" / "demo" / "full" / "metrics.json").read_text())
-    assert full["method_label"] == "full"
-    assert main.endswith(command_line(full["config"])), (main, command_line(full["config"]))
+    demo = ROOT / "docs" / "results" / "demo"
+    grid = json.loads((demo / "grid.json").read_text())
+    assert grid["preset"] == "demo" and "face" in grid["datasets"] and {"label": "full"} in grid["arms"]
+    runs = sorted((demo / "face" / "full").glob("seed*/metrics.json"))
+    assert len(runs) >= 3, runs
+    for path in runs:
+        m = json.loads(path.read_text())
+        seed = m["config"]["seed"]
+        assert m["method_label"] == "full" and m["config"]["data_seed"] == seed
+        cmd = command_line({**m["config"], "out": "runs/demo"})
+        cmd = cmd.replace(f" --set data_seed={seed}", "").replace(f" --seed {seed}", "")
+        assert main.endswith(cmd), (main, cmd)
 
 
 def test_gpu_check_command_names_real_marks_ops_and_providers():
