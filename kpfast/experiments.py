@@ -196,11 +196,22 @@ def collect(grid: Grid, runs: list[Run], results: Path) -> None:
             continue
         dst = results / run.key
         dst.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.json", "log.csv"):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, dst / name)
+        if (src / "log.csv").is_file():
+            shutil.copyfile(src / "log.csv", dst / "log.csv")
+        if (src / "metrics.json").is_file():
+            (dst / "metrics.json").write_text(json.dumps(_portable(json.loads((src / "metrics.json").read_text()), grid, run),
+                                                         indent=1))
     if grid.path is not None and grid.path.resolve() != (results / "grid.json").resolve():
         shutil.copyfile(grid.path, results / "grid.json")
+
+
+def _portable(metrics: dict, grid: "Grid", run: Run) -> dict:
+    """A run's metrics with its run folder named as under the default ``--runs runs``, not as the
+    absolute path of the machine that trained it (results are committed; nothing in them should
+    point outside the repository)."""
+    if "config" in metrics and "out" in metrics["config"]:
+        metrics = {**metrics, "config": {**metrics["config"], "out": f"runs/{grid.name}/{run.key}"}}
+    return metrics
 
 
 # -- the summary -------------------------------------------------------------------------------------------------

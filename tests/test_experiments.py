@@ -33,6 +33,8 @@ def test_a_grid_runs_skips_finished_runs_and_summarizes_over_seeds(tmp_path, cap
         assert arms[label]["nme"]["mean"] == pytest.approx(statistics.fmean(nmes))
         assert arms[label]["nme"]["sd"] == pytest.approx(statistics.stdev(nmes))
         assert (path.parent / "face" / label / "seed1" / "log.csv").is_file()
+        copied = json.loads((path.parent / "face" / label / "seed1" / "metrics.json").read_text())
+        assert copied["config"]["out"] == f"runs/toy/face/{label}/seed1"  # not this machine's path
     assert arms["supervised"]["vs_full"]["nme"]["difference"] == pytest.approx(
         arms["supervised"]["nme"]["mean"] - arms["full"]["nme"]["mean"])
     assert summary["datasets"]["face"]["reference"]["fitted_mean_shape"]["nme"]["n"] == 2
