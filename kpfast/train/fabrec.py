@@ -31,7 +31,6 @@ augmentations from ``transforms``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ from .guard import all_finite
 from .hooks import Hook
 from .loop import Trainer
 from .results import Checkpointer
+from .objective import TermRecord
 from .streams import STEP_STREAMS, RandomStreams
 
 __all__ = ["FabRecTrainer", "FabRecObjective", "FabRecTerms", "FabRecOutputs", "Schedule", "StageOptimizers",
@@ -116,7 +116,7 @@ class Schedule:
 
 
 @dataclass
-class FabRecTerms:
+class FabRecTerms(TermRecord):
     """The unweighted loss terms of one 3fabrec step; a term the step does not train is None."""
 
     rec: Optional[Tensor] = None
@@ -125,8 +125,6 @@ class FabRecTerms:
     adv: Optional[Tensor] = None
     heatmap: Optional[Tensor] = None
 
-    def as_dict(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
 
 @dataclass

@@ -35,13 +35,14 @@ from ..data.perspective import sample_perspective
 from ..losses import equivariance_mse, gaussian_heatmaps, heatmap_loss, invariance_mse, semantic_consistency_loss
 from ..models.moskvyak import HeatmapLabels, MoskvyakOutputs
 from .data import Batch
+from .objective import TermRecord
 from .streams import RandomStreams
 
 UNSUPERVISED = ("sc", "te", "ti")
 
 
 @dataclass
-class MoskvyakTerms:
+class MoskvyakTerms(TermRecord):
     """The unweighted scalar loss terms of one step; a term the run does not train is None."""
 
     heatmap: Tensor
@@ -49,9 +50,6 @@ class MoskvyakTerms:
     te: Optional[Tensor] = None
     ti: Optional[Tensor] = None
 
-    def as_dict(self) -> dict[str, Tensor]:
-        """``{name: term}`` of the trained terms, in field order."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
 
 TERMS = tuple(f.name for f in dataclasses.fields(MoskvyakTerms))

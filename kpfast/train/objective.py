@@ -43,8 +43,16 @@ from .data import Batch
 from .streams import RandomStreams
 
 
+class TermRecord:
+    """A dataclass of a step's loss terms (None: not trained): :meth:`as_dict` for every method's record."""
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """``{name: term}`` of the trained terms, in field order."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
 @dataclass
-class LossTerms:
+class LossTerms(TermRecord):
     """The unweighted scalar loss terms of one step; a term the run does not train is None."""
 
     few_shot: Tensor
@@ -52,10 +60,6 @@ class LossTerms:
     geo2d: Optional[Tensor] = None
     geo3d: Optional[Tensor] = None
     smooth: Optional[Tensor] = None
-
-    def as_dict(self) -> dict[str, Tensor]:
-        """``{name: term}`` of the trained terms, in :data:`TERMS` order."""
-        return {name: getattr(self, name) for name in TERMS if getattr(self, name) is not None}
 
 
 TERMS = tuple(f.name for f in dataclasses.fields(LossTerms))
